@@ -1,0 +1,44 @@
+# The commands the README names. `make demo` and `make test` are the two a new machine needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PY := .venv/bin/python
+export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)
+CLUSTER_DIR ?= .localcluster
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List the commands
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+.PHONY: venv
+venv: ## Make the Python environment (cached outside the repo) and link it as .venv
+	@bash hack/venv.sh
+
+.PHONY: demo
+demo: venv ## Bring up the local cluster and run a demo fine-tune end to end
+	@bash hack/demo.sh
+
+.PHONY: test
+test: venv ## Run every test: unit, local cluster, end to end (GPU tests skip without a GPU)
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: venv ## Run the unit tests only (no cluster)
+	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
+
+.PHONY: cluster
+cluster: venv ## Start the local Kubernetes control plane and node agent (idempotent)
+	$(PY) hack/localcluster/localcluster.py up --dir $(CLUSTER_DIR)
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local cluster and remove its state
+	@if [ -x $(PY) ]; then $(PY) hack/localcluster/localcluster.py down --dir $(CLUSTER_DIR); fi
+
+.PHONY: crds
+crds: venv ## Regenerate crds/ (and the chart's copy) from the pydantic API models
+	$(PY) -m qlora_operator.crdgen
+
+.PHONY: bench
+bench: venv ## Trainer speed on a CUDA GPU: the guide's recipe against the defaults
+	$(PY) bench/trainer_speed.py
