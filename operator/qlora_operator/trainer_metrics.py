@@ -1,0 +1,477 @@
+"""The trainer's Prometheus metrics, read and mapped onto a `QLoRAFinetune`'s status.
+
+One concern: reading (straight from the pod's `/metrics`, or through a Prometheus server's query API) and
+mapping (pure functions from what was read to status fields). Names come from `qlora_trainer.contract`, the
+one place that names the metrics. The operator's handlers own when to read and how to patch; the decisions
+they need (what the status says, whether values are stale, whether a patch is due) are pure and live here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable, Mapping
+
+from prometheus_client.parser import text_string_to_metric_families
+from qlora_trainer.contract import METRIC_PREFIX, METRICS_PATH, METRICS_PORT, Metric, Phase
+
+DEFAULT_TIMEOUT = 3.0
+DEFAULT_CONCURRENCY = 16
+# Labels a PodMonitor (prometheus-operator) and the usual kubernetes_sd relabelling give every series.
+NAMESPACE_LABEL = "namespace"
+POD_LABEL = "pod"
+# The estimated completion time moves with the clock between reads; a shift smaller than this is no change.
+COMPLETION_TIME_TOLERANCE = timedelta(seconds=60)
+
+# The trainer's phase -> the reason of the resource's `Running` condition (one CamelCase word).
+RUNNING_REASONS: dict[Phase, str] = {
+    Phase.LOADING: "Loading",
+    Phase.TRAINING: "Training",
+    Phase.EVALUATING: "Evaluating",
+    Phase.SAVING: "Saving",
+}
+
+# Status fields this module writes; a patch built from them touches nothing else.
+METRIC_FIELDS = (
+    "progress", "step", "totalSteps", "epoch", "loss", "evalLoss", "learningRate", "gradNorm",
+    "tokensPerSecond", "gpuMemoryPeakBytes", "eta", "estimatedCompletionTime", "lastCheckpoint",
+)
+
+
+class MetricsUnreadable(Exception):
+    """The metrics could not be read or made no sense; `str(err)` is one short line for `status.message`."""
+
+
+@dataclass(frozen=True)
+class TrainerSample:
+    """One reading of the trainer's series; a field is None when the trainer has not reported it yet."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    tokens_total: int | None = None
+    gpu_memory_peak_bytes: int | None = None
+    eta_seconds: float | None = None
+    last_checkpoint_step: int | None = None
+    start_time_seconds: float | None = None
+    phase: Phase | None = None
+
+
+# Exported series name -> (TrainerSample field, type). `phase` is read apart: it is a state set.
+_SERIES: dict[str, tuple[str, type]] = {
+    Metric.STEP.full: ("step", int),
+    Metric.TOTAL_STEPS.full: ("total_steps", int),
+    Metric.EPOCH.full: ("epoch", float),
+    Metric.LOSS.full: ("loss", float),
+    Metric.EVAL_LOSS.full: ("eval_loss", float),
+    Metric.LEARNING_RATE.full: ("learning_rate", float),
+    Metric.GRAD_NORM.full: ("grad_norm", float),
+    Metric.TOKENS_PER_SECOND.full: ("tokens_per_second", float),
+    Metric.TOKENS_TOTAL.full: ("tokens_total", int),
+    Metric.GPU_MEMORY_PEAK_BYTES.full: ("gpu_memory_peak_bytes", int),
+    Metric.ETA_SECONDS.full: ("eta_seconds", float),
+    Metric.LAST_CHECKPOINT_STEP.full: ("last_checkpoint_step", int),
+    Metric.START_TIME_SECONDS.full: ("start_time_seconds", float),
+}
+_PHASES = {p.value: p for p in Phase}
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+def sample_from_series(series: Iterable[tuple[str, Mapping[str, str], float]]) -> TrainerSample:
+    """Build a sample from (series name, labels, value) triples, whichever way they were read.
+
+    NaN and infinite values mean "not known yet" and are left out; negative values are left out of the
+    fields that cannot be negative. Raises MetricsUnreadable when no series of the trainer is among them.
+    """
+    values: dict[str, Any] = {}
+    phase: Phase | None = None
+    seen = False
+    for name, labels, value in series:
+        if not name.startswith(METRIC_PREFIX):
+            continue
+        seen = True
+        if name == Metric.PHASE.full:
+            # A state set: one series per state, 1 for the current one. The state is the value of the label
+            # named after the metric (prometheus_client's Enum), or of any label naming a known phase.
+            if value == 1:
+                for label_value in _state_labels(labels):
+                    phase = _PHASES[label_value]
+            continue
+        target = _SERIES.get(name)
+        if target is None or not math.isfinite(value):
+            continue
+        attr, kind = target
+        if value < 0 and attr != "start_time_seconds":
+            continue
+        values[attr] = int(round(value)) if kind is int else float(value)
+    if not seen:
+        raise MetricsUnreadable(f"no {METRIC_PREFIX}* series in the response")
+    return TrainerSample(**values, phase=phase)
+
+
+def _state_labels(labels: Mapping[str, str]) -> list[str]:
+    own = labels.get(Metric.PHASE.full)
+    if own in _PHASES:
+        return [own]
+    return [v for k, v in labels.items() if k != "__name__" and v in _PHASES][:1]
+
+
+def parse_exposition(text: str) -> TrainerSample:
+    """Read Prometheus text exposition (what the trainer serves on `/metrics`)."""
+    try:
+        triples = [
+            (s.name, s.labels, float(s.value))
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        ]
+    except Exception as err:  # the parser raises ValueError, and others on odd input; all mean garbled
+        raise MetricsUnreadable(f"garbled metrics: {_one_line(err)}") from err
+    return sample_from_series(triples)
+
+
+def parse_query_response(document: Mapping[str, Any]) -> TrainerSample:
+    """Read the JSON answer of Prometheus' `/api/v1/query` to `promql_selector(...)` (a vector)."""
+    if document.get("status") != "success":
+        raise MetricsUnreadable(f"Prometheus query failed: {_one_line(document.get('error', 'no status'))}")
+    data = document.get("data") or {}
+    if data.get("resultType") != "vector":
+        raise MetricsUnreadable(f"Prometheus answered a {data.get('resultType')!r}, not a vector")
+    triples = []
+    try:
+        for item in data.get("result") or []:
+            labels = item["metric"]
+            triples.append((labels["__name__"], labels, float(item["value"][1])))
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise MetricsUnreadable(f"Prometheus answered an unexpected shape: {_one_line(err)}") from err
+    if not triples:
+        raise MetricsUnreadable("Prometheus has no trainer series for this pod (not scraped yet, or down)")
+    return sample_from_series(triples)
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def promql_selector(namespace: str, pod: str, namespace_label: str = NAMESPACE_LABEL,
+                    pod_label: str = POD_LABEL) -> str:
+    """The PromQL selector of one trainer pod's series.
+
+    `namespace` and `pod` are the labels a PodMonitor gives every target, and the ones a plain
+    kubernetes_sd scrape config sets by relabelling `__meta_kubernetes_namespace` and
+    `__meta_kubernetes_pod_name` (see tests/prometheus_server.py); other label names can be passed.
+    """
+    return (f'{{__name__=~"{METRIC_PREFIX}.*", {namespace_label}="{_label_value(namespace)}", '
+            f'{pod_label}="{_label_value(pod)}"}}')
+
+
+def metrics_url(pod_ip: str, port: int = METRICS_PORT) -> str:
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"http://{host}:{port}{METRICS_PATH}"
+
+
+def _one_line(err: object, limit: int = 160) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class MetricsReader:
+    """Reads trainer metrics over HTTP for many resources at once, with at most `concurrency` reads in flight.
+
+    Straight from the pod by default; through Prometheus' query API when `prometheus_url` is given. One
+    aiohttp session is shared by every read; `close()` it on shutdown.
+    """
+
+    def __init__(self, prometheus_url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 concurrency: int = DEFAULT_CONCURRENCY, port: int = METRICS_PORT,
+                 namespace_label: str = NAMESPACE_LABEL, pod_label: str = POD_LABEL):
+        self.prometheus_url = prometheus_url.rstrip("/") if prometheus_url else None
+        self.timeout = timeout
+        self.port = port
+        self.namespace_label = namespace_label
+        self.pod_label = pod_label
+        self._limit = asyncio.Semaphore(concurrency)
+        self._session = None
+
+    def _http(self):
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def read(self, namespace: str, pod: str, pod_ip: str | None) -> TrainerSample:
+        """One reading of one pod's trainer; raises MetricsUnreadable with a short reason on any failure."""
+        async with self._limit:
+            try:
+                if self.prometheus_url:
+                    return await self._query(namespace, pod)
+                if not pod_ip:
+                    raise MetricsUnreadable("the pod has no IP yet")
+                return await self._scrape(pod_ip)
+            except MetricsUnreadable:
+                raise
+            except asyncio.TimeoutError as err:
+                raise MetricsUnreadable(f"no answer within {self.timeout:g}s") from err
+            except Exception as err:  # connection refused, reset, DNS, ...: all mean "not readable now"
+                raise MetricsUnreadable(_one_line(err)) from err
+
+    async def _scrape(self, pod_ip: str) -> TrainerSample:
+        url = metrics_url(pod_ip, self.port)
+        async with self._http().get(url) as resp:
+            if resp.status != 200:
+                raise MetricsUnreadable(f"{url} answered HTTP {resp.status}")
+            text = await resp.text(errors="replace")
+        return parse_exposition(text)
+
+    async def _query(self, namespace: str, pod: str) -> TrainerSample:
+        query = promql_selector(namespace, pod, self.namespace_label, self.pod_label)
+        async with self._http().get(f"{self.prometheus_url}/api/v1/query", params={"query": query}) as resp:
+            body = await resp.text(errors="replace")
+            if resp.status != 200 and not body.lstrip().startswith("{"):
+                raise MetricsUnreadable(f"Prometheus answered HTTP {resp.status}")
+        try:
+            document = json.loads(body)
+        except ValueError as err:
+            raise MetricsUnreadable(f"Prometheus answered no JSON: {_one_line(err)}") from err
+        return parse_query_response(document)
+
+
+# ------------------------------------------------------------------------------------------- mapping
+
+def format_duration(seconds: float) -> str:
+    """`45s`, `3m12s`, `2h5m0s`: whole seconds, the way Go (and kubectl) print durations."""
+    total = max(0, int(round(seconds)))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def format_progress(step: int, total_steps: int) -> str:
+    """`42%`, rounded down so `100%` means done; clamped to 0-100."""
+    if total_steps <= 0:
+        return "0%"
+    return f"{max(0, min(100, (100 * step) // total_steps))}%"
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> datetime | None:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError):
+        return None
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    # Rounded so that noise in the last bits is no reason to patch, and `kubectl get` stays readable.
+    return float(f"{value:.{digits}g}")
+
+
+def checkpoint_path(output_path: str, step: int) -> str:
+    """Where the trainer keeps the checkpoint of `step` under the run's output folder."""
+    return f"{output_path.rstrip('/')}/checkpoints/checkpoint-{step}"
+
+
+def status_fields(sample: TrainerSample, now: datetime, output_path: str | None) -> dict[str, Any]:
+    """The status fields a reading gives; fields the trainer has not reported are left out, so a merge
+    patch keeps whatever status had."""
+    out: dict[str, Any] = {}
+    if sample.step is not None:
+        out["step"] = sample.step
+    if sample.total_steps:
+        out["totalSteps"] = sample.total_steps
+        if sample.step is not None:
+            out["progress"] = format_progress(sample.step, sample.total_steps)
+    if sample.epoch is not None:
+        out["epoch"] = round(sample.epoch, 2)
+    for attr, key in (("loss", "loss"), ("eval_loss", "evalLoss"), ("learning_rate", "learningRate"),
+                      ("grad_norm", "gradNorm")):
+        value = getattr(sample, attr)
+        if value is not None:
+            out[key] = _significant(value)
+    if sample.tokens_per_second is not None:
+        out["tokensPerSecond"] = round(sample.tokens_per_second, 1)
+    if sample.gpu_memory_peak_bytes:
+        out["gpuMemoryPeakBytes"] = sample.gpu_memory_peak_bytes
+    if sample.eta_seconds is not None and sample.phase not in (Phase.DONE, Phase.FAILED):
+        out["eta"] = format_duration(sample.eta_seconds)
+        out["estimatedCompletionTime"] = rfc3339(now + timedelta(seconds=sample.eta_seconds))
+    if sample.last_checkpoint_step:
+        checkpoint: dict[str, Any] = {"step": sample.last_checkpoint_step}
+        if output_path:
+            checkpoint["path"] = checkpoint_path(output_path, sample.last_checkpoint_step)
+        out["lastCheckpoint"] = checkpoint
+    return out
+
+
+def running_reason(sample: TrainerSample | None) -> str | None:
+    """The `Running` condition's reason for the trainer's phase; None when the phase says nothing new."""
+    if sample is None or sample.phase is None:
+        return None
+    return RUNNING_REASONS.get(sample.phase)
+
+
+# --------------------------------------------------------------------------- staleness, per resource
+
+@dataclass
+class MetricsTrack:
+    """What the operator remembers of one resource's metrics between reads (kept in kopf's memo).
+
+    `pod` is the pod the values came from; a new pod (a retry) keeps the values until its own arrive.
+    """
+
+    pod: str | None = None
+    last_good: TrainerSample | None = None
+    last_good_at: datetime | None = None
+    stale_since: datetime | None = None
+    error: str | None = None
+    last_patch_at: datetime | None = None
+    patched: dict[str, Any] = field(default_factory=dict)
+
+
+def observe(track: MetricsTrack, pod: str, now: datetime,
+            sample: TrainerSample | None = None, error: str | None = None) -> MetricsTrack:
+    """The track after one read of `pod`: a good sample, or an error (which keeps the last good values)."""
+    if sample is not None:
+        return replace(track, pod=pod, last_good=sample, last_good_at=now, stale_since=None, error=None)
+    return replace(track, pod=pod, stale_since=track.stale_since or now, error=error or "unreadable")
+
+
+def stale_note(track: MetricsTrack) -> str | None:
+    """One line for `status.message` while reads fail, or None while they succeed."""
+    if track.stale_since is None:
+        return None
+    kept = "last values kept" if track.last_good is not None else "no values read yet"
+    return f"Trainer metrics stale since {rfc3339(track.stale_since)} ({track.error}); {kept}"
+
+
+def with_note(message: str | None, note: str | None) -> str | None:
+    """`message` with the staleness note after it (the operator's own message comes first)."""
+    if not note:
+        return message
+    return f"{message}; {note}" if message else note
+
+
+def metrics_status(track: MetricsTrack, now: datetime, output_path: str | None) -> dict[str, Any]:
+    """Status fields from the last good reading (empty before the first one)."""
+    if track.last_good is None:
+        return {}
+    # The completion estimate is anchored at the time of the reading, not at `now`, so that stale
+    # values do not drift forward with the clock.
+    return status_fields(track.last_good, track.last_good_at or now, output_path)
+
+
+def _comparable(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k != "estimatedCompletionTime"}
+
+
+def changed(old: Mapping[str, Any], new: Mapping[str, Any],
+            tolerance: timedelta = COMPLETION_TIME_TOLERANCE) -> bool:
+    """Whether `new` says something `old` does not: any field but the completion estimate, which counts
+    only when it moved by at least `tolerance`."""
+    if _comparable(old) != _comparable(new):
+        return True
+    before, after = old.get("estimatedCompletionTime"), new.get("estimatedCompletionTime")
+    if before == after:
+        return False
+    a, b = parse_rfc3339(before), parse_rfc3339(after)
+    if a is None or b is None:
+        return True
+    return abs(b - a) >= tolerance
+
+
+def should_patch(old: Mapping[str, Any], new: Mapping[str, Any], last_patch_time: datetime | None,
+                 now: datetime, min_interval: float) -> bool:
+    """Whether to patch status now: only when a value changed, and not sooner than `min_interval` seconds
+    after the last patch."""
+    if not changed(old, new):
+        return False
+    return last_patch_time is None or (now - last_patch_time).total_seconds() >= min_interval
+
+
+# ---------------------------------------------------------------------------- the termination summary
+
+def read_termination_summary(message: str | None) -> dict[str, Any] | None:
+    """The trainer's JSON exit summary from a container's termination message, or None when it is not
+    one (a crash before the trainer ran leaves log lines there instead)."""
+    if not message:
+        return None
+    try:
+        document = json.loads(message)
+    except ValueError:
+        # FallbackToLogsOnError may put log lines before a summary printed last; take the last JSON line.
+        for line in reversed(message.strip().splitlines()):
+            try:
+                document = json.loads(line)
+                break
+            except ValueError:
+                continue
+        else:
+            return None
+    return document if isinstance(document, dict) else None
+
+
+def _pick(summary: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        value = summary.get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def final_fields(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Final status values from a termination summary: step, loss, eval loss and (on success) outputPath.
+
+    They win over the last reading, which may have missed the last steps.
+    """
+    out: dict[str, Any] = {}
+    step = _pick(summary, "step", "globalStep", "global_step", "steps")
+    if isinstance(step, (int, float)) and not isinstance(step, bool):
+        out["step"] = int(step)
+        total = _pick(summary, "totalSteps", "total_steps", "maxSteps", "max_steps")
+        if isinstance(total, (int, float)) and total > 0:
+            out["totalSteps"] = int(total)
+            out["progress"] = format_progress(int(step), int(total))
+    for key, names in (("loss", ("loss", "finalLoss", "final_loss", "trainLoss", "train_loss")),
+                       ("evalLoss", ("evalLoss", "eval_loss", "finalEvalLoss", "final_eval_loss"))):
+        value = _pick(summary, *names)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = _significant(float(value))
+    epoch = _pick(summary, "epoch", "epochs")
+    if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
+        out["epoch"] = round(float(epoch), 2)
+    output = _pick(summary, "outputPath", "output_path", "adapterPath", "adapter_path", "outputDir",
+                   "output_dir")
+    if isinstance(output, str) and output and not _pick(summary, "reason"):
+        out["outputPath"] = output
+    return out
+
+
+def final_failure(summary: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) of a failed run's summary, or None when the summary reports no failure."""
+    reason = _pick(summary, "reason", "failureReason")
+    if not isinstance(reason, str) or not re.fullmatch(r"[A-Z][A-Za-z0-9]*", reason):
+        return None
+    message = _pick(summary, "message", "error") or reason
+    return reason, _one_line(message, limit=1000)
