@@ -297,6 +297,10 @@ def status_fields(sample: TrainerSample, now: datetime, output_path: str | None)
     """The status fields a reading gives; fields the trainer has not reported are left out, so a merge
     patch keeps whatever status had."""
     out: dict[str, Any] = {}
+    if sample.phase is Phase.LOADING:
+        # Nothing is known while loading: a retried pod reports step 0 here until it has resumed, and the
+        # previous attempt's values are the better ones to show meanwhile.
+        return out
     if sample.step is not None:
         out["step"] = sample.step
     if sample.total_steps:
@@ -305,18 +309,20 @@ def status_fields(sample: TrainerSample, now: datetime, output_path: str | None)
             out["progress"] = format_progress(sample.step, sample.total_steps)
     if sample.epoch is not None:
         out["epoch"] = round(sample.epoch, 2)
-    for attr, key in (("loss", "loss"), ("eval_loss", "evalLoss"), ("learning_rate", "learningRate"),
-                      ("grad_norm", "gradNorm")):
-        value = getattr(sample, attr)
-        if value is not None:
-            out[key] = _significant(value)
-    if sample.tokens_per_second is not None:
-        out["tokensPerSecond"] = round(sample.tokens_per_second, 1)
+    if sample.step:
+        # Gauges read 0 until their first value; a loss of exactly 0 is never a real one.
+        for attr, key in (("loss", "loss"), ("eval_loss", "evalLoss"), ("learning_rate", "learningRate"),
+                          ("grad_norm", "gradNorm")):
+            value = getattr(sample, attr)
+            if value is not None and (value != 0 or attr in ("learning_rate", "grad_norm")):
+                out[key] = _significant(value)
+        if sample.tokens_per_second is not None:
+            out["tokensPerSecond"] = round(sample.tokens_per_second, 1)
+        if sample.eta_seconds is not None and sample.phase not in (Phase.DONE, Phase.FAILED):
+            out["eta"] = format_duration(sample.eta_seconds)
+            out["estimatedCompletionTime"] = rfc3339(now + timedelta(seconds=sample.eta_seconds))
     if sample.gpu_memory_peak_bytes:
         out["gpuMemoryPeakBytes"] = sample.gpu_memory_peak_bytes
-    if sample.eta_seconds is not None and sample.phase not in (Phase.DONE, Phase.FAILED):
-        out["eta"] = format_duration(sample.eta_seconds)
-        out["estimatedCompletionTime"] = rfc3339(now + timedelta(seconds=sample.eta_seconds))
     if sample.last_checkpoint_step:
         checkpoint: dict[str, Any] = {"step": sample.last_checkpoint_step}
         if output_path:

@@ -187,9 +187,28 @@ def test_status_fields_of_a_full_reading():
 
 
 def test_status_fields_leave_out_what_is_not_known():
-    sample = tm.TrainerSample(step=0, total_steps=20, phase=Phase.LOADING, gpu_memory_peak_bytes=0,
+    sample = tm.TrainerSample(step=0, total_steps=20, phase=Phase.TRAINING, gpu_memory_peak_bytes=0,
                               last_checkpoint_step=0)
     assert tm.status_fields(sample, NOW, None) == {"step": 0, "totalSteps": 20, "progress": "0%"}
+
+
+def test_gauges_still_at_zero_before_the_first_step_are_not_values():
+    # What the trainer serves between loading and its first step: every gauge at its initial 0.
+    zeros = {m: 0 for m in Metric if m not in (Metric.PHASE, Metric.TOTAL_STEPS)} | {Metric.TOTAL_STEPS: 20}
+    assert tm.status_fields(tm.parse_exposition(exposition(zeros)), NOW, None) == {
+        "step": 0, "totalSteps": 20, "progress": "0%", "epoch": 0.0}
+    # After a step, a loss is real but an evaluation loss still at 0 is not one yet.
+    fields = tm.status_fields(tm.TrainerSample(step=1, total_steps=20, loss=2.5, eval_loss=0.0,
+                                               learning_rate=0.0, grad_norm=0.0), NOW, None)
+    assert fields["loss"] == 2.5 and "evalLoss" not in fields
+    assert fields["learningRate"] == 0.0 and fields["gradNorm"] == 0.0
+
+
+def test_nothing_is_shown_while_loading():
+    # A retried pod loads with step 0; the previous attempt's values stay until it has resumed.
+    sample = tm.TrainerSample(step=0, total_steps=0, loss=0.0, last_checkpoint_step=0, phase=Phase.LOADING)
+    assert tm.status_fields(sample, NOW, "out") == {}
+    assert tm.running_reason(sample) == "Loading"
 
 
 def test_no_eta_once_the_trainer_is_done():
