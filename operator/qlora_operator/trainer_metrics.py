@@ -438,46 +438,54 @@ def read_termination_summary(message: str | None) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
-def _pick(summary: Mapping[str, Any], *keys: str) -> Any:
-    for key in keys:
-        value = summary.get(key)
-        if value is not None:
-            return value
-    return None
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
-def final_fields(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """Final status values from a termination summary: step, loss, eval loss and (on success) outputPath.
-
-    They win over the last reading, which may have missed the last steps.
+def final_fields(summary: Mapping[str, Any], output_path: str | None = None) -> dict[str, Any]:
+    """Final status values from the trainer's termination summary (keys of qlora_trainer.output): step,
+    progress, epoch, loss, eval loss, throughput, peak memory, last checkpoint. They win over the last
+    reading, which may have missed the last steps. A run that succeeded has no ETA left: `eta` and
+    `estimatedCompletionTime` come back as None, which a merge patch deletes.
     """
     out: dict[str, Any] = {}
-    step = _pick(summary, "step", "globalStep", "global_step", "steps")
-    if isinstance(step, (int, float)) and not isinstance(step, bool):
+    step, total = _number(summary.get("step")), _number(summary.get("totalSteps"))
+    if step is not None:
         out["step"] = int(step)
-        total = _pick(summary, "totalSteps", "total_steps", "maxSteps", "max_steps")
-        if isinstance(total, (int, float)) and total > 0:
+        if total:
             out["totalSteps"] = int(total)
             out["progress"] = format_progress(int(step), int(total))
-    for key, names in (("loss", ("loss", "finalLoss", "final_loss", "trainLoss", "train_loss")),
-                       ("evalLoss", ("evalLoss", "eval_loss", "finalEvalLoss", "final_eval_loss"))):
-        value = _pick(summary, *names)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[key] = _significant(float(value))
-    epoch = _pick(summary, "epoch", "epochs")
-    if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
-        out["epoch"] = round(float(epoch), 2)
-    output = _pick(summary, "outputPath", "output_path", "adapterPath", "adapter_path", "outputDir",
-                   "output_dir")
-    if isinstance(output, str) and output and not _pick(summary, "reason"):
-        out["outputPath"] = output
+    epoch = _number(summary.get("epoch"))
+    if epoch is not None:
+        out["epoch"] = round(epoch, 2)
+    for key in ("loss", "evalLoss"):
+        value = _number(summary.get(key))
+        if value:
+            out[key] = _significant(value)
+    speed = _number(summary.get("tokensPerSecond"))
+    if speed is not None:
+        out["tokensPerSecond"] = round(speed, 1)
+    peak = _number(summary.get("gpuMemoryPeakBytes"))
+    if peak:
+        out["gpuMemoryPeakBytes"] = int(peak)
+    checkpoint = summary.get("lastCheckpoint")
+    checkpoint_step = _number(checkpoint.get("step")) if isinstance(checkpoint, Mapping) else None
+    if checkpoint_step:
+        out["lastCheckpoint"] = {"step": int(checkpoint_step)}
+        if output_path:
+            out["lastCheckpoint"]["path"] = checkpoint_path(output_path, int(checkpoint_step))
+    if summary.get("status") == "Succeeded":
+        out["eta"] = None
+        out["estimatedCompletionTime"] = None
     return out
 
 
 def final_failure(summary: Mapping[str, Any]) -> tuple[str, str] | None:
     """(reason, message) of a failed run's summary, or None when the summary reports no failure."""
-    reason = _pick(summary, "reason", "failureReason")
+    reason = summary.get("reason")
     if not isinstance(reason, str) or not re.fullmatch(r"[A-Z][A-Za-z0-9]*", reason):
         return None
-    message = _pick(summary, "message", "error") or reason
+    message = summary.get("message") or reason
     return reason, _one_line(message, limit=1000)

@@ -285,30 +285,43 @@ def test_completion_time_jitter_is_no_change():
     assert tm.should_patch(old, {"step": 5}, None, NOW, 0)
 
 
+# What qlora_trainer.output writes: run_summary() on success, failure_summary() otherwise.
 SUCCESS_SUMMARY = {
-    "status": "succeeded", "step": 20, "totalSteps": 20, "epoch": 2.5, "loss": 0.41234, "evalLoss": 0.5,
-    "outputPath": "/output/support-bot",
+    "status": "Succeeded", "exitCode": 0, "step": 20, "totalSteps": 20, "epoch": 2.5, "loss": 0.41234,
+    "evalLoss": 0.5, "initialEvalLoss": 5.1, "tokensTotal": 9000, "truncated": 0,
+    "lastCheckpoint": {"step": 20, "path": "/output/support-bot/checkpoints/checkpoint-20"},
+    "outputPath": "/output/support-bot", "durationSeconds": 12.5, "gpuMemoryPeakBytes": 0,
+    "tokensPerSecond": 812.345, "versions": {"torch": "2.13.0"},
 }
 
 
 def test_final_fields_from_a_summary():
-    assert tm.final_fields(SUCCESS_SUMMARY) == {
+    assert tm.final_fields(SUCCESS_SUMMARY, "/output/support-bot") == {
         "step": 20, "totalSteps": 20, "progress": "100%", "epoch": 2.5, "loss": 0.4123, "evalLoss": 0.5,
-        "outputPath": "/output/support-bot",
+        "tokensPerSecond": 812.3,
+        "lastCheckpoint": {"step": 20, "path": "/output/support-bot/checkpoints/checkpoint-20"},
+        "eta": None, "estimatedCompletionTime": None,
     }
 
 
-def test_final_fields_accept_snake_case():
-    summary = {"global_step": 12, "max_steps": 20, "train_loss": 1.0, "eval_loss": 2.0, "output_dir": "/o"}
-    assert tm.final_fields(summary) == {
-        "step": 12, "totalSteps": 20, "progress": "60%", "loss": 1.0, "evalLoss": 2.0, "outputPath": "/o"}
+def test_final_fields_of_a_stopped_run_keep_the_eta_and_skip_what_is_missing():
+    summary = {"status": "Terminated", "reason": None, "exitCode": 143, "message": "stopped by SIGTERM",
+               "step": 12, "totalSteps": 40, "loss": 1.5, "lastCheckpoint": {"step": 12}, "gpuMemoryPeakBytes": 0}
+    assert tm.final_fields(summary) == {"step": 12, "totalSteps": 40, "progress": "30%", "loss": 1.5,
+                                        "lastCheckpoint": {"step": 12}}
+    assert tm.final_failure(summary) is None
 
 
-def test_failed_summary_gives_reason_and_message_and_no_output_path():
-    summary = {"reason": "DatasetInvalid", "message": "data.jsonl line 3: field `answer` is missing", "step": 0,
-               "outputPath": "/output/x"}
+def test_final_fields_ignore_odd_values():
+    summary = {"step": True, "loss": "low", "evalLoss": float("nan"), "epoch": None, "lastCheckpoint": 5}
+    assert tm.final_fields(summary) == {}
+
+
+def test_failed_summary_gives_reason_and_message():
+    summary = {"status": "Failed", "reason": "DatasetInvalid", "exitCode": 65,
+               "message": "data.jsonl line 3: field `answer` is missing", "gpuMemoryPeakBytes": 0}
     assert tm.final_failure(summary) == ("DatasetInvalid", "data.jsonl line 3: field `answer` is missing")
-    assert "outputPath" not in tm.final_fields(summary)
+    assert tm.final_fields(summary) == {}
     assert tm.final_failure(SUCCESS_SUMMARY) is None
 
 
