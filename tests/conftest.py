@@ -1,0 +1,155 @@
+"""Shared pytest fixtures: a real Kubernetes cluster for the cluster and e2e tests.
+
+Fixtures (the API other tests rely on; keep it stable):
+
+- `cluster` (session): a `LocalCluster`, started once per test session in a fresh temporary folder and
+  torn down at the end. Attributes and methods:
+    - `dir` (Path), `kubeconfig` (Path), `external` (bool), `env` (dict for subprocesses: KUBECONFIG and a
+      PATH that finds kubectl and helm first);
+    - `bin(name)`: path of `kubectl`, `helm`, `kube-apiserver`, ... (`cluster.bin("helm")`);
+    - `kubectl(*args, input=None, check=True, namespace=None, timeout=120)` -> CompletedProcess;
+    - `kubectl_json(*args, namespace=None)` -> parsed `-o json` output;
+    - `wait_until(fn, timeout=60, what="...")` -> fn's first truthy result, else fails with `what`;
+    - `add_image_rule(pattern, env=None, entrypoint=None, cmd=None, working_dir=None)`: lets the node agent
+      run more images (it re-reads `<dir>/images.yaml`); the default rules already run `python:*`,
+      `busybox*`, `qlora-trainer*` and `qlora-operator*` (and `*/qlora-trainer:*`, `*/qlora-operator:*`)
+      with the repo's venv on PATH and `operator/`, `trainer/` on PYTHONPATH.
+- `namespace` (function): a fresh namespace (its `default` ServiceAccount exists), deleted after the test.
+- `kubectl` (function): `cluster.kubectl` bound to `namespace`: `kubectl("get", "pods")` runs in it.
+
+Choosing the cluster:
+- default: a new local cluster per session (hack/localcluster/localcluster.py up --dir <tmp>);
+- `QLORA_TEST_CLUSTER_DIR=.localcluster`: reuse a cluster started by `make cluster` (left running);
+- `QLORA_TEST_EXTERNAL_CLUSTER=1` with `KUBECONFIG`: run against that cluster (no image rules there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LOCALCLUSTER = REPO / "hack" / "localcluster" / "localcluster.py"
+
+
+class KubectlError(AssertionError):
+    """kubectl exited non-zero; the message holds its command line and stderr."""
+
+
+class LocalCluster:
+    def __init__(self, dir: Path | None, kubeconfig: Path, bin_dir: Path, external: bool = False):
+        self.dir, self.kubeconfig, self.bin_dir, self.external = dir, Path(kubeconfig), Path(bin_dir), external
+
+    def bin(self, name: str) -> str:
+        path = self.bin_dir / name
+        return str(path) if path.exists() else name
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+                "PATH": f"{self.bin_dir}:{os.environ.get('PATH', '')}"}
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, namespace: str | None = None,
+                timeout: float = 120) -> subprocess.CompletedProcess:
+        cmd = [self.bin("kubectl"), "--kubeconfig", str(self.kubeconfig)]
+        if namespace:
+            cmd += ["--namespace", namespace]
+        cmd += [str(a) for a in args]
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise KubectlError(f"{' '.join(cmd[3:])} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def kubectl_json(self, *args: str, namespace: str | None = None) -> dict:
+        return json.loads(self.kubectl(*args, "-o", "json", namespace=namespace).stdout)
+
+    def wait_until(self, fn, timeout: float = 60, what: str = "condition", interval: float = 0.5):
+        deadline = time.monotonic() + timeout
+        last_error = None
+        while time.monotonic() < deadline:
+            try:
+                result = fn()
+                if result:
+                    return result
+            except KubectlError as e:
+                last_error = e
+            time.sleep(interval)
+        pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_error})"
+                                                                          if last_error else ""))
+
+    def add_image_rule(self, pattern: str, env: dict | None = None, entrypoint: list | None = None,
+                       cmd: list | None = None, working_dir: str | None = None) -> None:
+        """Put a rule first in the node agent's image table (it re-reads the file within a second)."""
+        if self.external or self.dir is None:
+            pytest.skip("image rules exist only on the local cluster")
+        path = self.dir / "images.yaml"
+        table = json.loads(path.read_text())  # written as JSON, which YAML reads as well
+        rule = {"pattern": pattern, "env": env or {}}
+        if entrypoint is not None:
+            rule["entrypoint"] = entrypoint
+        if cmd is not None:
+            rule["cmd"] = cmd
+        if working_dir:
+            rule["workingDir"] = working_dir
+        table["images"] = [rule] + [r for r in table["images"] if r["pattern"] != pattern]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.rename(path)
+        time.sleep(1.1)  # the agent notices a new mtime on its next pass
+
+
+def localcluster(*args: str, check: bool = True, env: dict | None = None,
+                 timeout: float = 3600) -> subprocess.CompletedProcess:
+    """Run the localcluster CLI with this interpreter; output (stdout+stderr) is in .stdout."""
+    proc = subprocess.run([sys.executable, str(LOCALCLUSTER), *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        pytest.fail(f"localcluster {' '.join(args)} failed:\n{proc.stdout}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> LocalCluster:
+    if os.environ.get("QLORA_TEST_EXTERNAL_CLUSTER") == "1" and os.environ.get("KUBECONFIG"):
+        bin_dir = Path(localcluster("build").stdout.strip().rsplit(": ", 1)[-1])
+        yield LocalCluster(None, Path(os.environ["KUBECONFIG"]), bin_dir, external=True)
+        return
+    reuse = os.environ.get("QLORA_TEST_CLUSTER_DIR")
+    if reuse:
+        d = Path(reuse).absolute()
+        localcluster("up", "--dir", str(d))  # a no-op when it runs already
+        yield LocalCluster(d, d / "kubeconfig", d / "bin")
+        return
+    d = tmp_path_factory.mktemp("localcluster")
+    localcluster("up", "--dir", str(d))
+    try:
+        yield LocalCluster(d, d / "kubeconfig", d / "bin")
+    finally:
+        localcluster("down", "--dir", str(d), check=False)
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster):
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    # pods are refused until the namespace's default ServiceAccount exists
+    cluster.wait_until(lambda: cluster.kubectl("get", "serviceaccount", "default", namespace=name, check=False)
+                       .returncode == 0, timeout=60, what=f"the default ServiceAccount of {name}")
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def kubectl(cluster: LocalCluster, namespace: str):
+    def run(*args: str, input: str | None = None, check: bool = True, timeout: float = 120):
+        return cluster.kubectl(*args, input=input, check=check, namespace=namespace, timeout=timeout)
+    run.json = lambda *args: cluster.kubectl_json(*args, namespace=namespace)
+    run.namespace = namespace
+    return run
