@@ -1,0 +1,397 @@
+"""The one place that decides a `QLoRAFinetune`'s status from what the cluster shows: its Job and pods.
+
+Pure: `status_from(...)` maps (spec check, generation, Job, pods, now, previous status) to the status fields
+this module owns (OWNED_FIELDS); the handlers patch only what changed, and leave the fields of others (the
+trainer's metrics: progress, loss, ...) alone. Decisions are small functions returning a `Verdict` (phase,
+reason, message), in the manner of cert-manager, which map straight onto conditions and Events.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from qlora_trainer.contract import reason_for_exit_code
+
+from qlora_operator.api import ConditionType, Phase, Reason
+from qlora_operator.trainer_metrics import final_failure, read_termination_summary
+
+# Status fields decided here; everything else in status belongs to someone else and is never touched.
+OWNED_FIELDS = (
+    "phase", "conditions", "observedGeneration", "jobName", "model", "startTime", "completionTime",
+    "attempts", "outputPath", "message",
+)
+TERMINAL_PHASES = (Phase.SUCCEEDED.value, Phase.FAILED.value)
+# Reasons worth a Warning event (the rest are Normal).
+WARNING_REASONS = {r.value for r in Reason} | {"JobDeleted", "TrainingFailed", "ContainerConfigError", "JobFailed"}
+IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                      "RegistryUnavailable", "SignatureValidationFailed"}
+MESSAGE_LIMIT = 1000
+# A hub token that found its way into a log line (FallbackToLogsOnError) never reaches status or an Event.
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of the operator's checks of a spec: valid, or why not (a condition reason and message).
+
+    `terminal`: no retry can help without a spec change (the run fails); otherwise the check is repeated
+    with backoff and the run waits (`Pending`), e.g. for a Secret created afterwards.
+    """
+
+    ok: bool
+    reason: str = "Valid"
+    message: str = ""
+    terminal: bool = False
+
+
+VALID = Check(ok=True, reason="Valid", message="spec and the objects it names are valid")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Where a run stands: a phase, the reason in one CamelCase word, and one line for a person."""
+
+    phase: str
+    reason: str
+    message: str
+
+
+# --------------------------------------------------------------------------------------- small helpers
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
+    """`text` on one line, without credentials, at most `limit` characters."""
+    line = _TOKEN.sub("hf_***", " ".join(str(text).split()))
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _conditions_by_type(status: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    return {c.get("type"): c for c in (status or {}).get("conditions") or ()}
+
+
+def _job_condition(job: Mapping[str, Any], *types: str) -> Mapping[str, Any] | None:
+    for wanted in types:
+        for cond in (job.get("status") or {}).get("conditions") or ():
+            if cond.get("type") == wanted and cond.get("status") == "True":
+                return cond
+    return None
+
+
+def _container_statuses(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    status = pod.get("status") or {}
+    return list(status.get("initContainerStatuses") or ()) + list(status.get("containerStatuses") or ())
+
+
+def _started_at(pod: Mapping[str, Any]) -> str | None:
+    """When the pod's first container started, or None if none did."""
+    times = []
+    for cs in _container_statuses(pod):
+        state = cs.get("state") or {}
+        for key in ("running", "terminated"):
+            started = (state.get(key) or {}).get("startedAt")
+            if started:
+                times.append(started)
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        if last.get("startedAt"):
+            times.append(last["startedAt"])
+    return min(times) if times else None
+
+
+def _pod_time(pod: Mapping[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+# ------------------------------------------------------------------------------- reading the pods
+
+def pod_failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) of a failed pod: the trainer's own words from its termination summary, its exit
+    code mapped by the contract, OOMKilled, or what the kubelet said (eviction). None if it did not fail."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Failed":
+        return None
+    for cs in _container_statuses(pod):
+        term = (cs.get("state") or {}).get("terminated")
+        if not term or term.get("exitCode", 0) == 0:
+            continue
+        code = term.get("exitCode")
+        if term.get("reason") == "OOMKilled":
+            return Reason.OOM_KILLED.value, (
+                "the trainer was killed for going over its memory limit; raise resources.memory, or lower "
+                "training.batchSize or training.maxLength")
+        summary = read_termination_summary(term.get("message"))
+        said = final_failure(summary) if summary else None
+        if said:
+            return said[0], one_line(said[1])
+        known = reason_for_exit_code(code) if isinstance(code, int) else None
+        tail = _last_line(term.get("message"))
+        if known is not None:
+            return known.value, one_line(tail or f"the trainer exited with code {code} ({known.value})")
+        return "Error", one_line(f"the trainer exited with code {code}" + (f": {tail}" if tail else ""))
+    if status.get("reason") or status.get("message"):
+        return status.get("reason") or "PodFailed", one_line(status.get("message") or status.get("reason"))
+    return None
+
+
+def _last_line(message: str | None) -> str:
+    lines = [line for line in (message or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def pod_waiting_problem(pod: Mapping[str, Any], image: str | None) -> Verdict | None:
+    """Why a pod that should run does not: the scheduler cannot place it, or its image cannot be pulled."""
+    status = pod.get("status") or {}
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and \
+                cond.get("reason") == "Unschedulable":
+            return Verdict(Phase.PENDING.value, Reason.UNSCHEDULABLE.value, one_line(
+                f"no node can run the trainer pod: {cond.get('message') or 'unschedulable'}; "
+                "check resources.gpus, resources.gpuResourceName, nodeSelector and tolerations"))
+    for cs in _container_statuses(pod):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason in IMAGE_PULL_REASONS:
+            what = cs.get("image") or image or "the trainer image"
+            detail = f": {waiting['message']}" if waiting.get("message") else ""
+            return Verdict(Phase.PENDING.value, Reason.IMAGE_PULL_ERROR.value, one_line(
+                f"cannot pull image {what} ({reason}){detail}; check runtime.image and runtime.imagePullSecrets"))
+        if reason == "CreateContainerConfigError":
+            return Verdict(Phase.PENDING.value, "ContainerConfigError", one_line(
+                f"the trainer container cannot start: {waiting.get('message') or reason}"))
+    return None
+
+
+def _running(pod: Mapping[str, Any]) -> bool:
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    status = pod.get("status") or {}
+    return status.get("phase") == "Running"
+
+
+# ---------------------------------------------------------------------------------------- decisions
+
+def verdict_of_failed_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
+                          failed: Mapping[str, Any], backoff_limit: int) -> Verdict:
+    job_reason = failed.get("reason") or "JobFailed"
+    failures = [f for f in (pod_failure(p) for p in sorted(pods, key=_pod_time)) if f]
+    last = failures[-1] if failures else None
+    if job_reason == "DeadlineExceeded":
+        deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
+        return Verdict(Phase.FAILED.value, Reason.DEADLINE_EXCEEDED.value, one_line(
+            f"the run took longer than runtime.activeDeadlineSeconds ({deadline}s) and was stopped; raise it, "
+            "or lower training.epochs or training.maxSteps, and apply the resource under a new name"))
+    if job_reason == "PodFailurePolicy" and last:
+        return Verdict(Phase.FAILED.value, last[0], last[1])
+    if job_reason == "BackoffLimitExceeded":
+        tried = len(failures) or backoff_limit + 1
+        if last and last[0] in (Reason.OOM_KILLED.value, Reason.CUDA_OUT_OF_MEMORY.value):
+            return Verdict(Phase.FAILED.value, last[0], one_line(f"{last[1]} (failed {tried} times)"))
+        detail = f"; last attempt: {last[0]}: {last[1]}" if last else ""
+        return Verdict(Phase.FAILED.value, Reason.BACKOFF_LIMIT_EXCEEDED.value, one_line(
+            f"the trainer failed {tried} times, more than runtime.backoffLimit ({backoff_limit}) allows{detail}"))
+    reason = job_reason if re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", job_reason) else "JobFailed"
+    if last:
+        return Verdict(Phase.FAILED.value, last[0], last[1])
+    return Verdict(Phase.FAILED.value, reason, one_line(failed.get("message") or f"the Job failed ({reason})"))
+
+
+def verdict_of_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *, backoff_limit: int,
+                   queue_name: str | None, spec_suspend: bool, output_path: str | None) -> Verdict:
+    """Where a run with a Job stands, from the Job's conditions and its pods."""
+    name = (job.get("metadata") or {}).get("name")
+    if _job_condition(job, "Complete", "SuccessCriteriaMet"):
+        where = f"; the adapter is in {output_path}" if output_path else ""
+        return Verdict(Phase.SUCCEEDED.value, "Succeeded", f"training finished{where}")
+    failed = _job_condition(job, "Failed", "FailureTarget")
+    if failed:
+        return verdict_of_failed_job(job, pods, failed, backoff_limit)
+    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    if (job.get("spec") or {}).get("suspend"):
+        if queue_name and not spec_suspend:
+            return Verdict(Phase.PENDING.value, "Queued",
+                           f"waiting for Kueue to admit the Job from LocalQueue {queue_name}")
+        return Verdict(Phase.SUSPENDED.value, "Suspended",
+                       "suspended: pods are stopped and checkpoints kept; set spec.suspend to false to resume")
+    if any(_running(p) for p in live):
+        return Verdict(Phase.RUNNING.value, "Running", f"the trainer is running (Job {name})")
+    image = ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers", [{}])[0].get("image")
+    for pod in sorted(live, key=_pod_time, reverse=True):
+        problem = pod_waiting_problem(pod, image)
+        if problem:
+            return problem
+    failures = [f for f in (pod_failure(p) for p in sorted(pods, key=_pod_time)) if f]
+    if failures:
+        reason, message = failures[-1]
+        return Verdict(Phase.PENDING.value, "Retrying", one_line(
+            f"attempt {len(failures)} failed ({reason}: {message}); retrying from the last checkpoint"))
+    return Verdict(Phase.PENDING.value, "Starting", f"waiting for the trainer pod of Job {name} to start")
+
+
+# -------------------------------------------------------------------------------------------- status
+
+def condition(type_: str, status: str, reason: str, message: str, *, previous: Mapping[str, Any] | None,
+              now: datetime, generation: int | None) -> dict[str, Any]:
+    """A condition whose lastTransitionTime moves only when its status flips (API conventions)."""
+    same = previous is not None and previous.get("status") == status and previous.get("lastTransitionTime")
+    cond = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": previous["lastTransitionTime"] if same else rfc3339(now),
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def status_from(*, generation: int | None, job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
+                now: datetime, previous: Mapping[str, Any] | None, check: Check | None = None,
+                model: Mapping[str, str] | None = None, job_name: str | None = None,
+                backoff_limit: int = 3, queue_name: str | None = None, suspend: bool = False,
+                output_path: str | None = None) -> dict[str, Any]:
+    """The owned status fields of a run.
+
+    `check`: the outcome of the spec checks just made; None keeps what the previous status says (a refresh
+    from a Job or pod event). `job`: None when no Job exists (not yet, or deleted after it finished).
+    `output_path`: where the adapter lands (shown once Succeeded). Other arguments come from the spec.
+    """
+    previous = previous or {}
+    before = _conditions_by_type(previous)
+    created = job is not None or bool(previous.get("jobName"))
+
+    # SpecValid: this check, else what the last check said; a Job that exists was valid enough to create.
+    if check is None:
+        prev_valid = before.get(ConditionType.SPEC_VALID.value)
+        if prev_valid is not None:
+            check = Check(ok=prev_valid.get("status") == "True", reason=prev_valid.get("reason") or "Valid",
+                          message=prev_valid.get("message") or "",
+                          terminal=previous.get("phase") == Phase.FAILED.value)
+        elif created:
+            check = VALID
+
+    if job is None and created and previous.get("phase") in TERMINAL_PHASES:
+        # The Job is gone after the run ended (ttlSecondsAfterFinished): the result stands as it was.
+        return {k: previous[k] for k in OWNED_FIELDS if k in previous} | {"observedGeneration": generation}
+
+    if job is not None:
+        verdict = verdict_of_job(job, pods, backoff_limit=backoff_limit, queue_name=queue_name,
+                                 spec_suspend=suspend, output_path=output_path)
+    elif created:
+        verdict = Verdict(Phase.FAILED.value, "JobDeleted", one_line(
+            f"the Job {previous.get('jobName')} was deleted before the run finished; apply the resource under "
+            "a new name to run again"))
+    elif check is not None and not check.ok:
+        verdict = Verdict(Phase.FAILED.value if check.terminal else Phase.PENDING.value, check.reason,
+                          one_line(check.message))
+    else:
+        verdict = Verdict(Phase.PENDING.value, "Creating", "creating the Job")
+
+    phase = verdict.phase
+    conditions = []
+
+    def add(type_: ConditionType, status: str, reason: str, message: str) -> None:
+        conditions.append(condition(type_.value, status, reason, one_line(message), previous=before.get(type_.value),
+                                    now=now, generation=generation))
+
+    if check is None:
+        add(ConditionType.SPEC_VALID, "Unknown", "Checking", "checking the spec and the objects it names")
+    else:
+        add(ConditionType.SPEC_VALID, "True" if check.ok else "False", check.reason, check.message or check.reason)
+    if created:
+        add(ConditionType.JOB_CREATED, "True", "Created", f"Job {job_name or previous.get('jobName')} created")
+    else:
+        add(ConditionType.JOB_CREATED, "False", verdict.reason, verdict.message)
+    if phase == Phase.RUNNING.value:
+        add(ConditionType.RUNNING, "True", verdict.reason, verdict.message)
+    else:
+        add(ConditionType.RUNNING, "False", verdict.reason, verdict.message)
+    if phase == Phase.SUCCEEDED.value:
+        add(ConditionType.SUCCEEDED, "True", verdict.reason, verdict.message)
+    elif phase == Phase.FAILED.value:
+        add(ConditionType.SUCCEEDED, "False", verdict.reason, verdict.message)
+    else:
+        add(ConditionType.SUCCEEDED, "Unknown", verdict.reason, verdict.message)
+    job_suspended = bool(job is not None and (job.get("spec") or {}).get("suspend")) and phase not in TERMINAL_PHASES
+    if job_suspended:
+        add(ConditionType.SUSPENDED, "True", verdict.reason, verdict.message)
+    else:
+        add(ConditionType.SUSPENDED, "False", "NotSuspended", "the run is not suspended")
+
+    out: dict[str, Any] = {
+        "phase": phase,
+        "conditions": conditions,
+        "observedGeneration": generation,
+        "message": verdict.message,
+    }
+    if created:
+        out["jobName"] = job_name or previous.get("jobName")
+    if model:
+        out["model"] = dict(model)
+    starts = [s for s in (_started_at(p) for p in pods) if s]
+    start = previous.get("startTime") or (min(starts) if starts else None)
+    if start:
+        out["startTime"] = start
+    attempts = max(int(previous.get("attempts") or 0), len(starts))
+    if attempts or created:
+        out["attempts"] = attempts
+    if phase in TERMINAL_PHASES:
+        out["completionTime"] = previous.get("completionTime") or _finished_at(job) or rfc3339(now)
+    if phase == Phase.SUCCEEDED.value and output_path:
+        out["outputPath"] = output_path
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _finished_at(job: Mapping[str, Any] | None) -> str | None:
+    if job is None:
+        return None
+    done = (job.get("status") or {}).get("completionTime")
+    if done:
+        return done
+    cond = _job_condition(job, "Failed", "FailureTarget")
+    return cond.get("lastTransitionTime") if cond else None
+
+
+# --------------------------------------------------------------------------------- changes and events
+
+def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any],
+                 owned: Sequence[str] = OWNED_FIELDS) -> dict[str, Any]:
+    """The merge patch that turns `current` into `desired` for the `owned` fields only; empty: no change.
+
+    Fields outside `owned` (the trainer's metrics, written by others) are never in the patch.
+    """
+    current = current or {}
+    patch = {k: v for k, v in desired.items() if k in owned and current.get(k) != v}
+    patch.update({k: None for k in owned if k in current and k not in desired})
+    return patch
+
+
+@dataclass(frozen=True)
+class Transition:
+    """An Event to post: what changed, in the Succeeded condition's reason and the phase."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def transition(previous: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> Transition | None:
+    """The Event for a change of phase or of the reason a run is where it is; None when neither changed."""
+    def key(status: Mapping[str, Any] | None) -> tuple[Any, Any]:
+        cond = _conditions_by_type(status).get(ConditionType.SUCCEEDED.value) or {}
+        return (status or {}).get("phase"), cond.get("reason")
+
+    if key(previous) == key(desired):
+        return None
+    phase, reason = key(desired)
+    kind = "Warning" if reason in WARNING_REASONS else "Normal"
+    return Transition(type=kind, reason=reason or phase or "Unknown",
+                      message=one_line(f"{phase}: {desired.get('message') or reason}"))

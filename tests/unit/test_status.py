@@ -1,0 +1,291 @@
+"""The status function: (check, Job, pods, previous status) -> phase, conditions, reasons, messages."""
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from qlora_operator.status import (
+    OWNED_FIELDS,
+    VALID,
+    Check,
+    status_from,
+    status_patch,
+    transition,
+)
+
+NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone.utc)
+LATER = NOW + timedelta(minutes=5)
+T0 = "2026-11-27T11:59:00Z"
+
+
+def job(*conditions, suspend=False, deadline=None, name="run", uid="job-uid", **status):
+    return {
+        "metadata": {"name": name, "uid": uid},
+        "spec": {"suspend": suspend, "activeDeadlineSeconds": deadline,
+                 "template": {"spec": {"containers": [{"image": "reg/trainer:1"}]}}},
+        "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": m,
+                                   "lastTransitionTime": "2026-11-27T11:59:30Z"} for t, r, m in conditions],
+                   **status},
+    }
+
+
+def pod(name="run-abc", phase="Pending", created=T0, conditions=(), waiting=None, running=None, terminated=None,
+        reason=None, message=None, deleting=False):
+    state = {}
+    if waiting:
+        state["waiting"] = waiting
+    if running:
+        state["running"] = {"startedAt": running}
+    if terminated:
+        state["terminated"] = terminated
+    status = {"phase": phase, "conditions": list(conditions)}
+    if state:
+        status["containerStatuses"] = [{"name": "trainer", "image": "reg/trainer:1", "state": state}]
+    if reason:
+        status["reason"] = reason
+    if message:
+        status["message"] = message
+    meta = {"name": name, "creationTimestamp": created}
+    if deleting:
+        meta["deletionTimestamp"] = created
+    return {"metadata": meta, "status": status}
+
+
+def failed_pod(code, message="", name="run-abc", created=T0, reason="Error"):
+    return pod(name=name, phase="Failed", created=created, terminated={
+        "exitCode": code, "reason": reason, "message": message,
+        "startedAt": created, "finishedAt": "2026-11-27T11:59:50Z"})
+
+
+UNSCHEDULABLE = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}
+
+
+def decide(job_=None, pods=(), previous=None, check=None, **kw):
+    args = dict(generation=2, job=job_, pods=list(pods), now=NOW, previous=previous, check=check,
+                model={"name": "org/m", "revision": "main"}, job_name="run", output_path="pvc://adapters/run")
+    args.update(kw)
+    return status_from(**args)
+
+
+def cond(status, type_):
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def summary(reason, message, **more):
+    return json.dumps({"reason": reason, "message": message, **more})
+
+
+CASES = [
+    # id, kwargs, phase, Succeeded (status, reason), message contains
+    ("secret-missing", dict(check=Check(False, "SecretNotFound", "Secret hf not found; create it")),
+     "Pending", ("Unknown", "SecretNotFound"), "Secret hf not found"),
+    ("invalid-spec", dict(check=Check(False, "InvalidSpec", "spec.x: bad", terminal=True)),
+     "Failed", ("False", "InvalidSpec"), "spec.x: bad"),
+    ("configmap-missing", dict(check=Check(False, "InvalidSpec", "ConfigMap qa not found")),
+     "Pending", ("Unknown", "InvalidSpec"), "ConfigMap qa not found"),
+    ("creating", dict(check=VALID), "Pending", ("Unknown", "Creating"), "creating"),
+    ("job-no-pods", dict(job_=job()), "Pending", ("Unknown", "Starting"), "Job run"),
+    ("unschedulable", dict(job_=job(), pods=[pod(conditions=[UNSCHEDULABLE])]),
+     "Pending", ("Unknown", "Unschedulable"), "Insufficient nvidia.com/gpu"),
+    ("image-pull", dict(job_=job(), pods=[pod(waiting={"reason": "ImagePullBackOff", "message": "not found"})]),
+     "Pending", ("Unknown", "ImagePullError"), "reg/trainer:1"),
+    ("err-image-pull", dict(job_=job(), pods=[pod(waiting={"reason": "ErrImagePull"})]),
+     "Pending", ("Unknown", "ImagePullError"), "runtime.image"),
+    ("config-error", dict(job_=job(), pods=[pod(waiting={"reason": "CreateContainerConfigError",
+                                                         "message": 'secret "hf" not found'})]),
+     "Pending", ("Unknown", "ContainerConfigError"), 'secret "hf" not found'),
+    ("running", dict(job_=job(active=1), pods=[pod(phase="Running", running=T0)]),
+     "Running", ("Unknown", "Running"), "running"),
+    ("succeeded", dict(job_=job(("Complete", "", ""), completionTime="2026-11-27T11:59:59Z"),
+                       pods=[pod(phase="Succeeded", terminated={"exitCode": 0, "startedAt": T0})]),
+     "Succeeded", ("True", "Succeeded"), "pvc://adapters/run"),
+    ("dataset-invalid-summary", dict(
+        job_=job(("Failed", "PodFailurePolicy", "Container trainer ... exit code 65")),
+        pods=[failed_pod(65, summary("DatasetInvalid", "line 7: no 'answer' field", step=0))]),
+     "Failed", ("False", "DatasetInvalid"), "line 7: no 'answer' field"),
+    ("model-load-exit-code", dict(
+        job_=job(("Failed", "PodFailurePolicy", "exit code 66")),
+        pods=[failed_pod(66, "Traceback...\nOSError: org/m is not a valid model identifier")]),
+     "Failed", ("False", "ModelLoadFailed"), "not a valid model identifier"),
+    ("invalid-config-exit-code", dict(
+        job_=job(("Failed", "PodFailurePolicy", "exit code 64")), pods=[failed_pod(64, "")]),
+     "Failed", ("False", "InvalidSpec"), "exited with code 64"),
+    ("backoff", dict(
+        job_=job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")),
+        pods=[failed_pod(1, "boom", name=f"run-{i}", created=f"2026-11-27T11:5{i}:00Z") for i in range(4)]),
+     "Failed", ("False", "BackoffLimitExceeded"), "failed 4 times"),
+    ("backoff-trainer-failed", dict(
+        job_=job(("Failed", "BackoffLimitExceeded", "")),
+        pods=[failed_pod(70, summary("TrainingFailed", "loss is NaN at step 12"))]),
+     "Failed", ("False", "BackoffLimitExceeded"), "loss is NaN at step 12"),
+    ("backoff-oomkilled", dict(
+        job_=job(("Failed", "BackoffLimitExceeded", "")),
+        pods=[failed_pod(1, "x", name="run-0", created="2026-11-27T11:50:00Z"),
+              failed_pod(137, "", name="run-1", created="2026-11-27T11:55:00Z", reason="OOMKilled")]),
+     "Failed", ("False", "OOMKilled"), "resources.memory"),
+    ("backoff-cuda-oom", dict(
+        job_=job(("Failed", "BackoffLimitExceeded", "")),
+        pods=[failed_pod(67, summary("CUDAOutOfMemory", "CUDA out of memory; lower training.batchSize"))]),
+     "Failed", ("False", "CUDAOutOfMemory"), "lower training.batchSize"),
+    ("deadline", dict(job_=job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline"),
+                               deadline=600), pods=[pod(phase="Failed", reason="DeadlineExceeded")]),
+     "Failed", ("False", "DeadlineExceeded"), "activeDeadlineSeconds (600s)"),
+    ("failure-target-counts", dict(job_=job(("FailureTarget", "DeadlineExceeded", "")), pods=[]),
+     "Failed", ("False", "DeadlineExceeded"), "activeDeadlineSeconds"),
+    ("suspended", dict(job_=job(suspend=True), suspend=True), "Suspended", ("Unknown", "Suspended"),
+     "spec.suspend to false"),
+    ("queued", dict(job_=job(suspend=True), queue_name="gpu-queue"), "Pending", ("Unknown", "Queued"),
+     "LocalQueue gpu-queue"),
+    ("admitted-by-kueue", dict(job_=job(active=1), queue_name="gpu-queue", pods=[pod(phase="Running", running=T0)]),
+     "Running", ("Unknown", "Running"), "running"),
+    ("retrying", dict(job_=job(failed=1, active=1), pods=[
+        failed_pod(70, summary("TrainingFailed", "NCCL timeout"), name="run-0", created="2026-11-27T11:50:00Z"),
+        pod(name="run-1", created="2026-11-27T11:58:00Z")]),
+     "Pending", ("Unknown", "Retrying"), "NCCL timeout"),
+    ("terminating-pod-is-not-running", dict(job_=job(), pods=[pod(phase="Running", running=T0, deleting=True)]),
+     "Pending", ("Unknown", "Starting"), "waiting"),
+]
+
+
+@pytest.mark.parametrize("case, kwargs, phase, succeeded, message", CASES, ids=[c[0] for c in CASES])
+def test_decisions(case, kwargs, phase, succeeded, message):
+    status = decide(**kwargs)
+    assert status["phase"] == phase
+    s = cond(status, "Succeeded")
+    assert (s["status"], s["reason"]) == succeeded
+    assert message in status["message"] and message in s["message"]
+    assert "\n" not in status["message"]
+    assert status["observedGeneration"] == 2
+    assert all(c["observedGeneration"] == 2 for c in status["conditions"])
+    assert {c["type"] for c in status["conditions"]} == {"SpecValid", "JobCreated", "Running", "Succeeded",
+                                                         "Suspended"}
+    assert all(c["reason"].isalnum() and c["reason"][0].isupper() for c in status["conditions"])
+    assert set(status) <= set(OWNED_FIELDS)
+    assert cond(status, "Running")["status"] == ("True" if phase == "Running" else "False")
+    assert (phase in ("Succeeded", "Failed")) == ("completionTime" in status)
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(check=Check(False, "SecretNotFound", "m")), ("False", "SecretNotFound")),
+        (dict(check=VALID), ("True", "Valid")),
+        (dict(), ("Unknown", "Checking")),
+        (dict(job_=job()), ("True", "Valid")),  # a Job exists: the spec was valid enough to create it
+    ],
+)
+def test_spec_valid_condition(kwargs, expected):
+    c = cond(decide(**kwargs), "SpecValid")
+    assert (c["status"], c["reason"]) == expected
+
+
+def test_spec_check_is_remembered_across_refreshes():
+    waiting = decide(check=Check(False, "SecretNotFound", "Secret hf not found"))
+    again = decide(previous=waiting, now=LATER)  # a refresh from a watch event carries no check
+    assert again == waiting
+    failed = decide(check=Check(False, "InvalidSpec", "bad", terminal=True))
+    assert decide(previous=failed, now=LATER)["phase"] == "Failed"
+
+
+def test_job_created_condition_and_job_name():
+    before = decide(check=VALID)
+    assert cond(before, "JobCreated")["status"] == "False" and "jobName" not in before
+    after = decide(job_=job(), previous=before)
+    assert cond(after, "JobCreated")["status"] == "True" and after["jobName"] == "run"
+
+
+def test_last_transition_time_moves_only_when_status_flips():
+    first = decide(job_=job(), pods=[pod(conditions=[UNSCHEDULABLE])])
+    same = decide(job_=job(), pods=[pod(waiting={"reason": "ErrImagePull"})], previous=first, now=LATER)
+    # Running stays False (reason changes): its time stays; Succeeded stays Unknown: same.
+    for type_ in ("Running", "Succeeded", "JobCreated", "SpecValid"):
+        assert cond(same, type_)["lastTransitionTime"] == cond(first, type_)["lastTransitionTime"]
+    assert cond(same, "Running")["reason"] == "ImagePullError"
+    running = decide(job_=job(), pods=[pod(phase="Running", running=T0)], previous=same, now=LATER)
+    assert cond(running, "Running")["lastTransitionTime"] == "2026-11-27T12:05:00Z"
+    assert cond(running, "Succeeded")["lastTransitionTime"] == cond(first, "Succeeded")["lastTransitionTime"]
+
+
+def test_attempts_start_and_completion_times():
+    pods = [failed_pod(70, "", name="run-0", created="2026-11-27T11:50:00Z"),
+            pod(name="run-1", phase="Running", running="2026-11-27T11:58:00Z", created="2026-11-27T11:57:00Z"),
+            pod(name="run-2", conditions=[UNSCHEDULABLE])]
+    status = decide(job_=job(), pods=pods)
+    assert status["attempts"] == 2  # the unscheduled pod never started
+    assert status["startTime"] == "2026-11-27T11:50:00Z"
+    # Pods deleted later do not lower the count or move the start.
+    later = decide(job_=job(("Complete", "", ""), completionTime="2026-11-27T12:01:00Z"), pods=[], previous=status)
+    assert later["attempts"] == 2 and later["startTime"] == "2026-11-27T11:50:00Z"
+    assert later["completionTime"] == "2026-11-27T12:01:00Z"
+    assert later["outputPath"] == "pvc://adapters/run"
+
+
+def test_finished_run_whose_job_was_removed_by_ttl_keeps_its_result():
+    done = decide(job_=job(("Complete", "", ""), completionTime="2026-11-27T11:59:59Z"))
+    assert decide(job_=None, previous=done, now=LATER, generation=2) == done
+
+
+def test_job_deleted_while_running_fails_the_run():
+    running = decide(job_=job(), pods=[pod(phase="Running", running=T0)])
+    gone = decide(job_=None, previous=running, now=LATER)
+    assert gone["phase"] == "Failed" and cond(gone, "Succeeded")["reason"] == "JobDeleted"
+    assert "new name" in gone["message"]
+
+
+def test_model_is_reported():
+    assert decide(check=VALID)["model"] == {"name": "org/m", "revision": "main"}
+
+
+def test_tokens_never_reach_a_message():
+    token = "hf_" + "A1b2C3d4" * 5
+    status = decide(job_=job(("Failed", "PodFailurePolicy", "")),
+                    pods=[failed_pod(66, f"401 Unauthorized for token {token}\nOSError: cannot load")])
+    assert token not in json.dumps(status)
+    failing = decide(job_=job(("Failed", "PodFailurePolicy", "")), pods=[failed_pod(66, f"bad token {token}")])
+    assert token not in json.dumps(failing) and "hf_***" in failing["message"]
+
+
+def test_messages_are_one_bounded_line():
+    long = "x" * 5000
+    status = decide(check=Check(False, "InvalidSpec", long + "\n" + long, terminal=True))
+    assert len(status["message"]) <= 1000 and "\n" not in status["message"]
+
+
+# ------------------------------------------------------------------------------- patches and events
+
+def test_patch_only_touches_owned_fields_and_only_changes():
+    current = {"phase": "Running", "message": "m", "progress": "42%", "loss": 1.2, "startTime": T0}
+    desired = {"phase": "Succeeded", "message": "m", "completionTime": "t"}
+    patch = status_patch(current, desired)
+    assert patch == {"phase": "Succeeded", "completionTime": "t", "startTime": None}
+    assert "progress" not in patch and "loss" not in patch
+    assert status_patch(desired, dict(desired)) == {}
+
+
+def test_patch_with_extra_owned_fields():
+    assert status_patch({"loss": 1.0}, {"loss": 0.5, "phase": "Running"}, owned=("phase", "loss")) == {
+        "loss": 0.5, "phase": "Running"}
+
+
+@pytest.mark.parametrize(
+    "before, after, expected",
+    [
+        (None, decide(check=VALID), ("Normal", "Creating")),
+        (decide(check=VALID), decide(check=VALID, now=LATER), None),
+        (decide(job_=job()), decide(job_=job(), pods=[pod(conditions=[UNSCHEDULABLE])]),
+         ("Warning", "Unschedulable")),
+        (decide(job_=job()), decide(job_=job(), pods=[pod(phase="Running", running=T0)]), ("Normal", "Running")),
+        (decide(job_=job()), decide(job_=job(("Failed", "DeadlineExceeded", ""))), ("Warning", "DeadlineExceeded")),
+        (decide(job_=job()), decide(job_=job(("Complete", "", ""))), ("Normal", "Succeeded")),
+        (decide(check=VALID), decide(check=Check(False, "SecretNotFound", "no Secret")), ("Warning", "SecretNotFound")),
+    ],
+)
+def test_transition_events(before, after, expected):
+    event = transition(before, after)
+    if expected is None:
+        assert event is None
+    else:
+        assert (event.type, event.reason) == expected
+        assert after["phase"] in event.message
