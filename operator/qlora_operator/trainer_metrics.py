@@ -12,7 +12,7 @@ import asyncio
 import json
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 
@@ -340,11 +340,12 @@ def running_reason(sample: TrainerSample | None) -> str | None:
 
 # --------------------------------------------------------------------------- staleness, per resource
 
-@dataclass
+@dataclass(frozen=True)
 class MetricsTrack:
-    """What the operator remembers of one resource's metrics between reads (kept in kopf's memo).
+    """What the operator remembers of one resource's metrics between reads.
 
     `pod` is the pod the values came from; a new pod (a retry) keeps the values until its own arrive.
+    `resumed_from`: the checkpoint step a retried pod went on from, once its first reading shows it.
     """
 
     pod: str | None = None
@@ -352,16 +353,28 @@ class MetricsTrack:
     last_good_at: datetime | None = None
     stale_since: datetime | None = None
     error: str | None = None
-    last_patch_at: datetime | None = None
-    patched: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int | None = None
+    # The last checkpoint when a retry's pod appeared: what it should resume from (not yet confirmed).
+    expected_resume: int | None = None
 
 
-def observe(track: MetricsTrack, pod: str, now: datetime,
-            sample: TrainerSample | None = None, error: str | None = None) -> MetricsTrack:
-    """The track after one read of `pod`: a good sample, or an error (which keeps the last good values)."""
-    if sample is not None:
-        return replace(track, pod=pod, last_good=sample, last_good_at=now, stale_since=None, error=None)
-    return replace(track, pod=pod, stale_since=track.stale_since or now, error=error or "unreadable")
+def observe(track: MetricsTrack, pod: str, now: datetime, sample: TrainerSample | None = None,
+            error: str | None = None, checkpoint: int | None = None) -> MetricsTrack:
+    """The track after one read of `pod`: a good sample, or an error (which keeps the last good values).
+
+    `checkpoint`: the last checkpoint step status shows; when `pod` follows another pod, the retry should
+    resume from it, and `resumed_from` is set once a training reading of the new pod is at or past it.
+    """
+    if pod != track.pod:
+        track = replace(track, pod=pod, resumed_from=None,
+                        expected_resume=checkpoint if track.pod is not None and checkpoint else None)
+    if sample is None:
+        return replace(track, stale_since=track.stale_since or now, error=error or "unreadable")
+    resumed, expected = track.resumed_from, track.expected_resume
+    if expected and sample.phase is not Phase.LOADING and sample.step is not None:
+        resumed, expected = (expected if sample.step >= expected else None), None
+    return replace(track, last_good=sample, last_good_at=now, stale_since=None, error=None,
+                   resumed_from=resumed, expected_resume=expected)
 
 
 def stale_note(track: MetricsTrack) -> str | None:

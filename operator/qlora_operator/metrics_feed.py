@@ -1,0 +1,220 @@
+"""Feeds the trainer's metrics into each `QLoRAFinetune`'s status.
+
+A loop reads the metrics of every running trainer pod (rank 0) every `scrape_interval` seconds, concurrently
+and bounded (`MetricsReader`), and pokes the `Reporter` when what status would show changed. The reporter's
+`enrich` hook then merges the metric fields into the status it computes: the last good reading, the final
+values of the termination summary once the pod ended, the trainer's phase as the `Running` condition's
+reason, and a note in `message` while the metrics are stale. Metric fields change at most every
+`status_min_interval` seconds, except for the final values. The phase is never decided here.
+
+    feed = MetricsFeed(settings)
+    feed.attach(reporter)          # before the operator starts
+    task = feed.start()            # in the running loop; `await feed.close()` on the way out
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from qlora_operator.api import ConditionType, Phase
+from qlora_operator.checks import parse_spec
+from qlora_operator.reporter import Key, Reporter, output_uri
+from qlora_operator.settings import Settings
+from qlora_operator.trainer_metrics import (
+    METRIC_FIELDS,
+    MetricsReader,
+    MetricsTrack,
+    MetricsUnreadable,
+    final_fields,
+    metrics_status,
+    observe,
+    read_termination_summary,
+    running_reason,
+    should_patch,
+    stale_note,
+    with_note,
+)
+
+log = logging.getLogger(__name__)
+
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
+
+
+# ------------------------------------------------------------------------------- reading the pods
+
+def _created(pod: Mapping[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+def _rank0(pod: Mapping[str, Any]) -> bool:
+    index = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX)
+    return index in (None, "0")
+
+
+def trainer_pod(pods: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The running rank-0 trainer pod (the newest, if a retry overlaps its predecessor), or None."""
+    running = [p for p in pods if _rank0(p) and (p.get("status") or {}).get("phase") == "Running"
+               and not (p.get("metadata") or {}).get("deletionTimestamp")]
+    return max(running, key=_created) if running else None
+
+
+def ended_summary(pods: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The termination summary of the newest rank-0 pod, when that pod has ended and left one."""
+    mine = [p for p in pods if _rank0(p)]
+    if not mine:
+        return None
+    newest = max(mine, key=_created)
+    for cs in (newest.get("status") or {}).get("containerStatuses") or ():
+        terminated = (cs.get("state") or {}).get("terminated")
+        if terminated:
+            return read_termination_summary(terminated.get("message"))
+    return None
+
+
+def _checkpoint_base(spec_body: Mapping[str, Any]) -> str | None:
+    spec, _ = parse_spec(dict(spec_body or {}))
+    return output_uri(spec) if spec else None
+
+
+def metric_fields(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: status[k] for k in METRIC_FIELDS if status and status.get(k) is not None}
+
+
+# --------------------------------------------------------------------------------- the decisions
+
+def merge_metrics(desired: dict[str, Any], previous: Mapping[str, Any], track: MetricsTrack | None,
+                  summary: Mapping[str, Any] | None, output: str | None, now: datetime,
+                  last_patch: datetime | None, min_interval: float) -> tuple[dict[str, Any], bool]:
+    """`desired` (status_from's status) with the metric fields, reason and note added; and whether the
+    metric fields changed (the caller records the time, for the rate limit).
+
+    Values: the previous status's, then the last good reading over them, then the termination summary's
+    final values over those. Only a run that ended skips the rate limit.
+    """
+    old = metric_fields(previous)
+    new = dict(old)
+    if track is not None:
+        new.update(metrics_status(track, now, output))
+    if summary is not None:
+        new.update(final_fields(summary, output))
+    new = {k: v for k, v in new.items() if v is not None}
+    ended = desired.get("phase") in TERMINAL
+    if new != old and not ended and not should_patch(old, new, last_patch, now, min_interval):
+        new = old
+    out = {**desired, **new}
+
+    if desired.get("phase") == Phase.RUNNING.value and track is not None:
+        reason = running_reason(track.last_good)
+        if reason:
+            out["conditions"] = [
+                {**c, "reason": reason} if c.get("type") == ConditionType.RUNNING.value and c.get("status") == "True"
+                else c
+                for c in desired.get("conditions") or ()
+            ]
+        note = stale_note(track)
+        if track.resumed_from and not note:
+            note = f"resumed from the checkpoint of step {track.resumed_from}"
+        out["message"] = with_note(desired.get("message"), note)
+    return out, new != old
+
+
+# ------------------------------------------------------------------------------------------ the feed
+
+class MetricsFeed:
+    """The read loop and the reporter's `enrich` hook; per-resource memory lives in `tracks`."""
+
+    def __init__(self, settings: Settings, reader: MetricsReader | None = None):
+        self.settings = settings
+        self.reader = reader or MetricsReader(
+            prometheus_url=settings.prometheus_url, timeout=min(5.0, max(1.0, settings.scrape_interval / 2)))
+        self.reporter: Reporter | None = None
+        self.tracks: dict[Key, MetricsTrack] = {}
+        self.last_patch: dict[Key, datetime] = {}
+        self._task: asyncio.Task | None = None
+
+    def attach(self, reporter: Reporter) -> None:
+        """Make `reporter` merge the metrics into every status it writes."""
+        self.reporter = reporter
+        reporter.enrich = self.enrich
+        reporter.owned = tuple(dict.fromkeys((*reporter.owned, *METRIC_FIELDS)))
+
+    def start(self) -> asyncio.Task:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+        return self._task
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.reader.close()
+
+    async def run(self) -> None:
+        mode = f"Prometheus at {self.reader.prometheus_url}" if self.reader.prometheus_url else "the trainer pods"
+        log.info("reading trainer metrics from %s every %gs", mode, self.settings.scrape_interval)
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 -- one bad tick must not end the feed
+                log.exception("reading trainer metrics failed")
+            await asyncio.sleep(self.settings.scrape_interval)
+
+    async def tick(self) -> None:
+        """Read every running trainer once; poke the resources whose status would change."""
+        reporter = self.reporter
+        for gone in set(self.tracks) - set(reporter.finetunes):
+            self.tracks.pop(gone, None)
+            self.last_patch.pop(gone, None)
+        reads = []
+        for key in list(reporter.finetunes):
+            pod = trainer_pod(list((reporter.pods.get(key) or {}).values()))
+            if pod is not None:
+                reads.append(self._read(key, pod))
+        for key in await asyncio.gather(*reads):
+            if key is not None:
+                reporter.poke(key)
+
+    async def _read(self, key: Key, pod: Mapping[str, Any]) -> Key | None:
+        namespace, name = key
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        now = datetime.now(timezone.utc)
+        try:
+            sample = await self.reader.read(namespace, meta.get("name"), status.get("podIP"))
+            error = None
+        except MetricsUnreadable as err:
+            sample, error = None, str(err)
+            log.debug("metrics of %s/%s: %s", namespace, name, error)
+        before = self.tracks.get(key) or MetricsTrack()
+        previous = self._previous(key)
+        track = observe(before, meta.get("name"), now, sample=sample, error=error,
+                        checkpoint=(previous.get("lastCheckpoint") or {}).get("step"))
+        self.tracks[key] = track
+        body = self.reporter.finetunes.get(key)
+        if body is None:
+            return None
+        shown = metrics_status(track, now, _checkpoint_base(body.get("spec")))
+        changed = any(previous.get(k) != v for k, v in shown.items())
+        return key if changed or (before.stale_since is None) != (track.stale_since is None) or \
+            running_reason(before.last_good) != running_reason(track.last_good) else None
+
+    def _previous(self, key: Key) -> Mapping[str, Any]:
+        written = self.reporter.written.get(key)
+        if written is not None:
+            return written
+        return (self.reporter.finetunes.get(key) or {}).get("status") or {}
+
+    def enrich(self, body: Mapping[str, Any], desired: dict[str, Any], now: datetime) -> dict[str, Any]:
+        """The reporter's hook: `desired` with the metrics merged in."""
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace"), meta.get("name"))
+        pods = list((self.reporter.pods.get(key) or {}).values())
+        out, changed = merge_metrics(
+            desired, self._previous(key), self.tracks.get(key), ended_summary(pods),
+            _checkpoint_base(body.get("spec")), now, self.last_patch.get(key), self.settings.status_min_interval)
+        if changed:
+            self.last_patch[key] = now
+        return out
