@@ -35,6 +35,13 @@ DEFAULT_MAX_PROPERTIES = 64
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO_ROOT / "crds" / f"{api.CRD_NAME}.yaml"
+# The Helm chart ships the same file (Helm installs crds/ before the templates).
+CHART_CRD_PATH = REPO_ROOT / "charts" / "qlora-operator" / "crds" / f"{api.CRD_NAME}.yaml"
+
+
+def crd_paths() -> list[Path]:
+    """Where `make crds` writes the CRD: crds/, and the chart's copy where the chart is."""
+    return [CRD_PATH] + ([CHART_CRD_PATH] if CHART_CRD_PATH.parent.parent.is_dir() else [])
 
 _DROP = {"title", "$defs"}
 _VALIDATIONS = "x-kubernetes-validations"
@@ -241,20 +248,23 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_operator.crdgen", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=CRD_PATH, help="where to write the CRD")
-    parser.add_argument("--check", action="store_true", help="only report whether the file is current")
+    parser.add_argument(
+        "--output", type=Path, action="append", help="where to write the CRD (default: crds/ and the chart's crds/)"
+    )
+    parser.add_argument("--check", action="store_true", help="only report whether the files are current")
     args = parser.parse_args(argv)
     text = render()
-    if args.check:
-        current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
-        if current != text:
-            print(f"{args.output} is out of date: run `make crds`", file=sys.stderr)
-            return 1
-        return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(f"wrote {args.output}")
-    return 0
+    stale = 0
+    for path in args.output or crd_paths():
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                print(f"{path} is out of date: run `make crds`", file=sys.stderr)
+                stale += 1
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
