@@ -193,10 +193,14 @@ def test_entrypoint_runs_the_module_as_non_root(name, module):
     assert users, "the final stage must set USER"
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "a numeric non-root USER lets runAsNonRoot verify it"
-    # The chart runs the operator with the same ids.
+    # Kubernetes runs each with the same ids: the chart the operator, the operator the trainer pods.
     if name == "operator":
         values = yaml.safe_load((REPO / "charts/qlora-operator/values.yaml").read_text())
         assert values["podSecurityContext"]["runAsUser"] == int(uid)
+    else:
+        from qlora_operator.builders import RUN_AS
+
+        assert RUN_AS == int(uid)
 
 
 def test_operator_exposes_the_charts_ports_and_checks_its_liveness_endpoint():
