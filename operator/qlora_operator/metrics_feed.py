@@ -29,6 +29,7 @@ from qlora_operator.trainer_metrics import (
     MetricsReader,
     MetricsTrack,
     MetricsUnreadable,
+    changed,
     final_fields,
     metrics_status,
     observe,
@@ -189,17 +190,16 @@ class MetricsFeed:
             sample, error = None, str(err)
             log.debug("metrics of %s/%s: %s", namespace, name, error)
         before = self.tracks.get(key) or MetricsTrack()
-        previous = self._previous(key)
-        track = observe(before, meta.get("name"), now, sample=sample, error=error,
-                        checkpoint=(previous.get("lastCheckpoint") or {}).get("step"))
-        self.tracks[key] = track
+        track = self.tracks[key] = observe(before, meta.get("name"), now, sample=sample, error=error)
         body = self.reporter.finetunes.get(key)
         if body is None:
             return None
-        shown = metrics_status(track, now, _checkpoint_base(body.get("spec")))
-        changed = any(previous.get(k) != v for k, v in shown.items())
-        return key if changed or (before.stale_since is None) != (track.stale_since is None) or \
-            running_reason(before.last_good) != running_reason(track.last_good) else None
+        shown = metric_fields(self._previous(key))
+        values = changed(shown, {**shown, **metrics_status(track, now, _checkpoint_base(body.get("spec")))})
+        noted = (before.stale_since is None) != (track.stale_since is None) or \
+            before.resumed_from != track.resumed_from or \
+            running_reason(before.last_good) != running_reason(track.last_good)
+        return key if values or noted else None
 
     def _previous(self, key: Key) -> Mapping[str, Any]:
         written = self.reporter.written.get(key)
@@ -212,9 +212,9 @@ class MetricsFeed:
         meta = body.get("metadata") or {}
         key = (meta.get("namespace"), meta.get("name"))
         pods = list((self.reporter.pods.get(key) or {}).values())
-        out, changed = merge_metrics(
+        out, moved = merge_metrics(
             desired, self._previous(key), self.tracks.get(key), ended_summary(pods),
             _checkpoint_base(body.get("spec")), now, self.last_patch.get(key), self.settings.status_min_interval)
-        if changed:
+        if moved:
             self.last_patch[key] = now
         return out

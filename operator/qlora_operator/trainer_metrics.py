@@ -345,7 +345,7 @@ class MetricsTrack:
     """What the operator remembers of one resource's metrics between reads.
 
     `pod` is the pod the values came from; a new pod (a retry) keeps the values until its own arrive.
-    `resumed_from`: the checkpoint step a retried pod went on from, once its first reading shows it.
+    `resumed_from`: the checkpoint step a retried pod went on from, once its readings show it.
     """
 
     pod: str | None = None
@@ -354,27 +354,29 @@ class MetricsTrack:
     stale_since: datetime | None = None
     error: str | None = None
     resumed_from: int | None = None
-    # The last checkpoint when a retry's pod appeared: what it should resume from (not yet confirmed).
-    expected_resume: int | None = None
+    # The pod followed another one and has not yet shown whether it resumed from a checkpoint.
+    retry_pending: bool = False
 
 
 def observe(track: MetricsTrack, pod: str, now: datetime, sample: TrainerSample | None = None,
-            error: str | None = None, checkpoint: int | None = None) -> MetricsTrack:
+            error: str | None = None) -> MetricsTrack:
     """The track after one read of `pod`: a good sample, or an error (which keeps the last good values).
 
-    `checkpoint`: the last checkpoint step status shows; when `pod` follows another pod, the retry should
-    resume from it, and `resumed_from` is set once a training reading of the new pod is at or past it.
+    A pod that follows another is a retry. The trainer reports the checkpoint it resumes from as its last
+    checkpoint step before it starts training, so a retry's first reading with one says where it went on from;
+    a first training reading without one says it started over.
     """
     if pod != track.pod:
-        track = replace(track, pod=pod, resumed_from=None,
-                        expected_resume=checkpoint if track.pod is not None and checkpoint else None)
+        track = replace(track, pod=pod, resumed_from=None, retry_pending=track.pod is not None)
     if sample is None:
         return replace(track, stale_since=track.stale_since or now, error=error or "unreadable")
-    resumed, expected = track.resumed_from, track.expected_resume
-    if expected and sample.phase is not Phase.LOADING and sample.step is not None:
-        resumed, expected = (expected if sample.step >= expected else None), None
+    resumed, pending = track.resumed_from, track.retry_pending
+    if pending and sample.last_checkpoint_step:
+        resumed, pending = sample.last_checkpoint_step, False
+    elif pending and sample.phase not in (None, Phase.LOADING):
+        pending = False
     return replace(track, last_good=sample, last_good_at=now, stale_since=None, error=None,
-                   resumed_from=resumed, expected_resume=expected)
+                   resumed_from=resumed, retry_pending=pending)
 
 
 def stale_note(track: MetricsTrack) -> str | None:

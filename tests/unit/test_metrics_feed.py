@@ -123,7 +123,7 @@ def test_no_note_or_reason_outside_running():
 
 def test_resumed_note():
     track = tm.observe(reading(step=12, phase=Phase.TRAINING), "b", NOW,
-                       sample=tm.TrainerSample(step=10, phase=Phase.TRAINING), checkpoint=10)
+                       sample=tm.TrainerSample(step=10, last_checkpoint_step=10, phase=Phase.TRAINING))
     out, _ = merge(running_desired(), track=track)
     assert out["message"].endswith("; resumed from the checkpoint of step 10")
 

@@ -260,24 +260,28 @@ def test_a_good_read_after_stale_clears_the_note():
 def test_a_retry_that_resumes_is_recognised():
     first = tm.observe(tm.MetricsTrack(), "pod-a", NOW, sample=tm.TrainerSample(step=12, last_checkpoint_step=10,
                                                                                  phase=Phase.TRAINING))
-    assert first.resumed_from is None and first.expected_resume is None
-    # pod-a is gone; pod-b starts while status shows the checkpoint of step 10.
-    loading = tm.observe(first, "pod-b", NOW, error="connection refused", checkpoint=10)
-    loading = tm.observe(loading, "pod-b", NOW, sample=tm.TrainerSample(step=0, phase=Phase.LOADING), checkpoint=10)
-    assert loading.expected_resume == 10 and loading.resumed_from is None
-    resumed = tm.observe(loading, "pod-b", NOW, sample=tm.TrainerSample(step=10, phase=Phase.TRAINING), checkpoint=10)
-    assert resumed.resumed_from == 10 and resumed.expected_resume is None
-    # Later readings keep it; a further pod starts over.
-    assert tm.observe(resumed, "pod-b", NOW, sample=tm.TrainerSample(step=15), checkpoint=10).resumed_from == 10
-    assert tm.observe(resumed, "pod-c", NOW, error="x", checkpoint=15).resumed_from is None
+    assert first.resumed_from is None and not first.retry_pending
+    # pod-a crashed; pod-b starts, loads, and reports the checkpoint it resumes from before training.
+    loading = tm.observe(first, "pod-b", NOW, error="connection refused")
+    loading = tm.observe(loading, "pod-b", NOW, sample=tm.TrainerSample(step=0, phase=Phase.LOADING))
+    assert loading.retry_pending and loading.resumed_from is None
+    resumed = tm.observe(loading, "pod-b", NOW, sample=tm.TrainerSample(step=0, last_checkpoint_step=10,
+                                                                        phase=Phase.LOADING))
+    assert resumed.resumed_from == 10 and not resumed.retry_pending
+    # Later checkpoints do not change where it resumed from; a further pod starts over.
+    later = tm.observe(resumed, "pod-b", NOW, sample=tm.TrainerSample(step=15, last_checkpoint_step=15))
+    assert later.resumed_from == 10
+    assert tm.observe(later, "pod-c", NOW, error="x").resumed_from is None
 
 
 def test_a_retry_that_started_over_is_not_called_resumed():
     first = tm.observe(tm.MetricsTrack(), "pod-a", NOW, sample=tm.TrainerSample(step=12, phase=Phase.TRAINING))
-    again = tm.observe(first, "pod-b", NOW, sample=tm.TrainerSample(step=1, phase=Phase.TRAINING), checkpoint=10)
-    assert again.resumed_from is None and again.expected_resume is None
+    again = tm.observe(first, "pod-b", NOW, sample=tm.TrainerSample(step=1, phase=Phase.TRAINING))
+    assert again.resumed_from is None and not again.retry_pending
+    # ... even when it saves a checkpoint later.
+    assert tm.observe(again, "pod-b", NOW, sample=tm.TrainerSample(step=5, last_checkpoint_step=5)).resumed_from is None
     # The first pod the operator sees (say after its own restart) is no retry.
-    fresh = tm.observe(tm.MetricsTrack(), "pod-a", NOW, sample=tm.TrainerSample(step=12), checkpoint=10)
+    fresh = tm.observe(tm.MetricsTrack(), "pod-a", NOW, sample=tm.TrainerSample(step=12, last_checkpoint_step=10))
     assert fresh.resumed_from is None
 
 
