@@ -404,10 +404,11 @@ def _immutability(schema: dict[str, Any]) -> None:
             children = [f.alias or name for name, f in model.model_fields.items()]
             paths = [f"{field_name}.{child}" for child in children if child not in mutable_children]
         for path in paths:
-            selector = "".join(f".?{part}" for part in path.split("."))
+            # `has` guards rather than optional `.?` selection, whose cost the API server cannot bound.
+            now, before = f"self.{path}", f"oldSelf.{path}"
             entries.append(
                 rule(
-                    f"self{selector} == oldSelf{selector}",
+                    f"has({now}) == has({before}) && (!has({now}) || {now} == {before})",
                     f"spec.{path} cannot change after creation; {RERUN_HINT}",
                     f".{path}",
                 )
@@ -444,7 +445,7 @@ class QLoRAFinetuneSpec(ApiModel):
             ".batchSize",
         ),
         rule(
-            "self.optimizer in [" + ", ".join(f"'{name}'" for name in TRAINER_OPTIMIZERS) + "]",
+            "!has(self.optimizer) || self.optimizer in [" + ", ".join(f"'{name}'" for name in TRAINER_OPTIMIZERS) + "]",
             "training.optimizer is not an optimizer the transformers Trainer knows; "
             "use paged_adamw_8bit, adamw_torch_fused, adamw_torch, adafactor, ...",
             ".optimizer",
