@@ -1,0 +1,259 @@
+"""Training with the transformers `Trainer`: the arguments mapped from the config (a pure function), packed
+micro-batches cut to a token budget, resume from the last valid checkpoint, and a SIGTERM that saves a
+checkpoint at the next step boundary. `train(cfg)` runs a whole fine-tune and returns its summary.
+
+The optimizer batch is always batchSize x gradientAccumulationSteps examples. Without packing that is the
+Trainer's own accumulation. With packing the data loader hands over all of an optimizer step's examples at
+once, packed into one row, and `QLoRATrainer.training_step` cuts that row into micro-batches of at most
+batchSize x maxLength tokens (what a padded micro-batch would hold), so accumulation is a memory detail.
+Either way the loss is the mean over the answer tokens of the whole optimizer step (`num_items_in_batch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .config import TrainerConfig
+from .contract import Metric, Phase
+from .data import collator, prepare_data, split_packed
+from .errors import InvalidConfig
+from .metrics import MetricsCallback, TrainerMetrics
+from .model import load_model, supports_packing
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 3
+DEFAULT_AUTO_BATCH_SIZE = 2  # `batchSize: auto` until the GPU work (issue 7) sizes it
+
+
+def optimizer_names() -> list[str]:
+    from transformers.training_args import OptimizerNames
+
+    return sorted(o.value for o in OptimizerNames)
+
+
+def check_optimizer(name: str) -> str:
+    """The optimizer name, if the Trainer knows it; else InvalidConfig listing the names it knows."""
+    names = optimizer_names()
+    if name not in names:
+        raise InvalidConfig(f"training.optimizer: unknown optimizer {name!r}; known: {', '.join(names)}")
+    return name
+
+
+def micro_batch_size(cfg: TrainerConfig) -> int:
+    size = cfg.training.batch_size
+    return DEFAULT_AUTO_BATCH_SIZE if size == "auto" else size
+
+
+def training_arguments(cfg: TrainerConfig, *, has_eval: bool, packing: bool, eval_on_start: bool = False) -> TrainingArguments:
+    """The `TrainingArguments` of the config: every `training` field mapped, checkpoints under
+    `output.dir/checkpoints`, the last few kept."""
+    t = cfg.training
+    batch = micro_batch_size(cfg)
+    on_gpu = cfg.gpus > 0
+    return TrainingArguments(
+        output_dir=str(Path(cfg.output.dir) / CHECKPOINTS),
+        # With packing one loader batch is the whole optimizer step (see the module docstring).
+        per_device_train_batch_size=batch * t.gradient_accumulation_steps if packing else batch,
+        gradient_accumulation_steps=1 if packing else t.gradient_accumulation_steps,
+        per_device_eval_batch_size=batch,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        # transformers 5 reads a float below 1 as a ratio of the total steps.
+        warmup_steps=min(t.warmup_ratio, 0.999),
+        optim=check_optimizer(t.optimizer),
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_every if has_eval else None,
+        eval_on_start=has_eval and eval_on_start,
+        prediction_loss_only=True,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every,
+        save_total_limit=KEEP_CHECKPOINTS,
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to=list(t.report_to) if t.report_to else "none",
+        bf16=cfg.quantization.compute_dtype == "bfloat16" and on_gpu,
+        fp16=cfg.quantization.compute_dtype == "float16" and on_gpu,
+        use_cpu=not on_gpu,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not sys.stderr.isatty(),
+        include_num_input_tokens_seen="no",  # counted by QLoRATrainer: useful tokens, padding excluded
+        use_cache=False,  # a KV cache would also turn off transformers' packed-sequence masks
+    )
+
+
+def useful_tokens(inputs: dict) -> int:
+    """Tokens of a batch that are not padding."""
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum())
+    return int(inputs["input_ids"].numel())
+
+
+class QLoRATrainer(Trainer):
+    """The Trainer, plus packed micro-batches under a token budget and a count of useful tokens."""
+
+    def __init__(self, *args: Any, token_budget: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token_budget = token_budget
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.state.num_input_tokens_seen += useful_tokens(inputs)
+        if self.token_budget is None or "position_ids" not in inputs or num_items_in_batch is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        parts = split_packed(inputs, self.token_budget)
+        total = None
+        for i, part in enumerate(parts):
+            # Gradients of all parts add up before DDP syncs once, on the last.
+            sync = contextlib.nullcontext() if i == len(parts) - 1 else self.accelerator.no_sync(model)
+            with sync:
+                loss = super().training_step(model, part, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM: save a checkpoint and stop at the next step boundary. Before training starts, exit at once
+    (`Terminated`), as nothing is lost yet."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.training = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM: %s", "saving a checkpoint at the end of this step" if self.training else "stopping")
+        self.requested = True
+        if not self.training:
+            raise Terminated("stopped by SIGTERM before training started")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
+
+class Terminated(BaseException):
+    """The run was asked to stop (SIGTERM); not a failure. A BaseException, so that no `except Exception`
+    on the way (model loading wraps errors) mistakes it for a failure."""
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[-1])
+    except ValueError:
+        return -1
+
+
+def is_valid_checkpoint(path: Path) -> bool:
+    """A complete checkpoint: trainer state readable, adapter weights present, no in-progress marker."""
+    if (path / "checkpoint-is-incomplete.txt").exists():
+        return False
+    if not any((path / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors")):
+        return False
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_valid_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint under `folder`, skipping any a kill left half-written."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and checkpoint_step(p) >= 0),
+        key=checkpoint_step,
+        reverse=True,
+    )
+    for path in candidates:
+        if is_valid_checkpoint(path):
+            return path
+        log.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopOnSignal | None = None) -> dict:
+    """Load, train, evaluate and save one fine-tune; returns the run summary (see output.run_summary).
+    Raises the errors of errors.py, or Terminated after a SIGTERM checkpoint."""
+    from transformers import set_seed
+
+    from .output import run_summary, save_outputs
+
+    started = time.time()
+    metrics = metrics or TrainerMetrics()
+    stop = stop or StopOnSignal()
+    metrics.set_phase(Phase.LOADING)
+    check_optimizer(cfg.training.optimizer)  # fail before the slow part
+    set_seed(cfg.training.seed)  # LoRA init is random
+    model, tokenizer = load_model(cfg)
+    data = prepare_data(cfg.dataset, tokenizer, cfg.training.max_length, cfg.training.seed)
+    s = data.stats
+    log.info(
+        "data: %d records (%s), %d train / %d eval examples, %d truncated at %d tokens, %d skipped without answer",
+        s.records, s.format, s.train_examples, s.eval_examples, s.truncated, cfg.training.max_length, s.skipped_no_answer,
+    )
+    packing = cfg.training.packing and supports_packing(model)
+    if cfg.training.packing and not packing:
+        log.warning("packing is off: this model's attention (remote code?) cannot read packed rows; padding instead")
+    resume = last_valid_checkpoint(Path(cfg.output.dir) / CHECKPOINTS)
+    args = training_arguments(cfg, has_eval=bool(data.eval), packing=packing, eval_on_start=resume is None)
+    callback = MetricsCallback(metrics, log_every=max(1, (cfg.training.max_steps or 100) // 100))
+    trainer = QLoRATrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval or None,
+        data_collator=collator(tokenizer, packing),
+        processing_class=tokenizer,
+        callbacks=[callback, stop],
+        token_budget=micro_batch_size(cfg) * cfg.training.max_length if packing else None,
+    )
+    trainer.remove_callback(PrinterCallback)  # MetricsCallback writes the log lines
+    if resume is not None:
+        log.info("resuming from %s", resume)
+        metrics.set(Metric.LAST_CHECKPOINT_STEP, checkpoint_step(resume))
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.requested:
+        raise Terminated(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved")
+
+    history = trainer.state.log_history
+    if data.eval and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in history):
+        metrics.set_phase(Phase.EVALUATING)
+        trainer.evaluate()
+    metrics.set_phase(Phase.SAVING)
+    summary = run_summary(cfg, trainer.state, data.stats, metrics, started)
+    save_outputs(cfg, trainer.model, tokenizer, summary)
+    metrics.set_phase(Phase.DONE)
+    return summary
