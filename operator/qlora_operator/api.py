@@ -98,9 +98,12 @@ ConfigKey = Annotated[str, StringConstraints(min_length=1, max_length=253, patte
 Quantity = int | Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY)]
 
 
+RELATIVE_PATH_MESSAGE = "must be a path relative to the volume's root, without '..'"
+
+
 def _relative_path(value: str) -> str:
     if value.startswith("/") or ".." in value.split("/"):
-        raise ValueError("must be relative to the volume's root, without '..'")
+        raise ValueError(RELATIVE_PATH_MESSAGE)
     return value
 
 
@@ -111,8 +114,7 @@ RelativePath = Annotated[
     Field(
         json_schema_extra=rules(
             rule(
-                "!self.startsWith('/') && !self.split('/').exists(p, p == '..')",
-                "must be a path relative to the volume's root, without '..'",
+                "!self.startsWith('/') && !self.split('/').exists(p, p == '..')", RELATIVE_PATH_MESSAGE
             )
         )
     ),
