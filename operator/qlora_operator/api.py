@@ -247,7 +247,9 @@ class ResourcesSpec(ApiModel):
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+$",
         description="Extended resource name of the GPUs, e.g. `nvidia.com/gpu`.",
     )
-    cpu: Quantity | None = Field(None, description="CPU request and limit of each pod, e.g. `8` or `7500m`.")
+    cpu: Quantity | None = Field(
+        None, description="CPU request of each pod, e.g. `8` or `7500m` (no limit: throttling only slows the GPU)."
+    )
     memory: Quantity | None = Field(None, description="Memory request and limit of each pod, e.g. `48Gi`.")
     node_selector: dict[str, Annotated[str, StringConstraints(max_length=63)]] | None = Field(
         None, description="Node labels the pods must match (pod spec nodeSelector)."
