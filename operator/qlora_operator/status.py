@@ -9,7 +9,7 @@ reason, message), in the manner of cert-manager, which map straight onto conditi
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -102,6 +102,12 @@ def _started_at(pod: Mapping[str, Any]) -> str | None:
         if last.get("startedAt"):
             times.append(last["startedAt"])
     return min(times) if times else None
+
+
+def started_pods(pods: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Uids (else names) of the pods whose container started: the attempts they stand for."""
+    meta = (lambda p: p.get("metadata") or {})
+    return {meta(p).get("uid") or meta(p).get("name") for p in pods if _started_at(p)}
 
 
 def _pod_time(pod: Mapping[str, Any]) -> str:
@@ -257,12 +263,15 @@ def status_from(*, generation: int | None, job: Mapping[str, Any] | None, pods: 
                 now: datetime, previous: Mapping[str, Any] | None, check: Check | None = None,
                 model: Mapping[str, str] | None = None, job_name: str | None = None,
                 backoff_limit: int = 3, queue_name: str | None = None, suspend: bool = False,
-                output_path: str | None = None) -> dict[str, Any]:
+                output_path: str | None = None, counted_pods: Collection[str] | None = None) -> dict[str, Any]:
     """The owned status fields of a run.
 
     `check`: the outcome of the spec checks just made; None keeps what the previous status says (a refresh
     from a Job or pod event). `job`: None when no Job exists (not yet, or deleted after it finished).
-    `output_path`: where the adapter lands (shown once Succeeded). Other arguments come from the spec.
+    `output_path`: where the adapter lands (shown once Succeeded). `counted_pods`: uids of the pods already
+    in `previous["attempts"]` (pods come and go: a suspended Job deletes its pod); None when not known (the
+    operator just started), then the started pods seen now are taken as counted. Other arguments come from
+    the spec.
     """
     previous = previous or {}
     before = _conditions_by_type(previous)
@@ -340,7 +349,12 @@ def status_from(*, generation: int | None, job: Mapping[str, Any] | None, pods: 
     start = previous.get("startTime") or (min(starts) if starts else None)
     if start:
         out["startTime"] = start
-    attempts = max(int(previous.get("attempts") or 0), len(starts))
+    attempts = int(previous.get("attempts") or 0)
+    started = started_pods(pods)
+    if counted_pods is None:
+        attempts = max(attempts, len(started))
+    else:
+        attempts += len(started - set(counted_pods))
     if attempts or created:
         out["attempts"] = attempts
     if phase in TERMINAL_PHASES:

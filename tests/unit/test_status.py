@@ -289,3 +289,19 @@ def test_transition_events(before, after, expected):
     else:
         assert (event.type, event.reason) == expected
         assert after["phase"] in event.message
+
+
+def test_attempts_count_pods_that_come_and_go():
+    first = pod(name="run-0", phase="Running", running=T0)
+    first["metadata"]["uid"] = "pod-0"
+    running = decide(job_=job(), pods=[first], counted_pods=set())
+    assert running["attempts"] == 1
+    # Suspended and resumed: the first pod is deleted, a second one starts.
+    second = pod(name="run-1", phase="Running", running="2026-11-27T11:59:40Z")
+    second["metadata"]["uid"] = "pod-1"
+    resumed = decide(job_=job(), pods=[second], previous=running, counted_pods={"pod-0"})
+    assert resumed["attempts"] == 2
+    # The same pods seen again (another refresh) count nothing new.
+    assert decide(job_=job(), pods=[second], previous=resumed, counted_pods={"pod-0", "pod-1"})["attempts"] == 2
+    # Not known (operator just restarted): the pods seen now are taken as counted already.
+    assert decide(job_=job(), pods=[second], previous=resumed, counted_pods=None)["attempts"] == 2

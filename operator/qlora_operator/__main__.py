@@ -1,0 +1,68 @@
+"""`python -m qlora_operator` (or `qlora-operator`): run the operator with settings from env and flags."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import kopf
+
+from qlora_operator import builders, handlers
+from qlora_operator.kube import Kube
+from qlora_operator.opmetrics import OperatorMetrics
+from qlora_operator.reporter import Reporter
+from qlora_operator.settings import Settings, load_settings
+
+log = logging.getLogger("qlora_operator")
+
+
+async def prime(kube: Kube, reporter: Reporter, settings: Settings) -> None:
+    """Fill the reporter's view of Jobs and pods before any handler runs, so that a restarted operator
+    reports a running run as running from its first refresh (and posts no false transition)."""
+    selector = builders.LABEL_FINETUNE
+    for namespace in settings.watch_namespaces or (None,):
+        for job in await kube.list("Job", namespace, selector):
+            reporter.saw_job(job)
+        for pod in await kube.list("Pod", namespace, selector):
+            reporter.saw_pod(pod)
+
+
+async def run(settings: Settings, stop_flag: asyncio.Event | None = None,
+              ready_flag: asyncio.Event | None = None) -> None:
+    kube = await Kube.connect()
+    reporter = Reporter(kube, settings)
+    metrics = reporter.metrics = OperatorMetrics(reporter.phases)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    await prime(kube, reporter, settings)
+    log.info("watching %s; trainer image %s; default base model %s",
+             ", ".join(settings.watch_namespaces) or "all namespaces", settings.trainer_image,
+             settings.default_base_model)
+    memo = kopf.Memo(operator=handlers.Operator(settings=settings, kube=kube, reporter=reporter, metrics=metrics))
+    await kopf.operator(
+        registry=kopf.get_default_registry(),
+        clusterwide=settings.clusterwide,
+        namespaces=settings.watch_namespaces,
+        standalone=True,
+        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+        memo=memo,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf logs every handler's success per object, aiohttp every probe: only their warnings, unless debugging.
+    for noisy in ("aiohttp.access", "kopf.objects"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Keeps each `QLoRAFinetune`'s status current: what the watches saw, through `status_from`, patched if changed.
+
+The single writer of the status fields `status.OWNED_FIELDS`: every write goes through `Reporter.refresh`
+under a per-resource lock, so the last status written is known and each transition gives exactly one Event.
+Bursts of Job and pod events are coalesced into one refresh. Issue 6's metrics join through `enrich`: a
+function `(body, status, now) -> status` applied after `status_from`, whose extra fields (`enrich_fields`)
+are patched the same way; fields nobody here owns are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from qlora_operator import builders
+from qlora_operator.api import Phase
+from qlora_operator.checks import parse_spec
+from qlora_operator.kube import ApiError, Kube
+from qlora_operator.opmetrics import OperatorMetrics
+from qlora_operator.settings import Settings
+from qlora_operator.status import (
+    OWNED_FIELDS,
+    Check,
+    started_pods,
+    status_from,
+    status_patch,
+    transition,
+)
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, QLoRAFinetune name)
+Enrich = Callable[[Mapping[str, Any], dict[str, Any], datetime], dict[str, Any]]
+
+# A short pause before a refresh, so that the burst of events of one change is read as one.
+COALESCE_SECONDS = 0.05
+RETRY_SECONDS = (1, 2, 5, 10, 30)
+
+
+def key_of(obj: Mapping[str, Any]) -> Key | None:
+    """The resource a child (Job, pod) belongs to, from the annotation (full name) or the label."""
+    meta = obj.get("metadata") or {}
+    name = (meta.get("annotations") or {}).get(builders.ANNOTATION_FINETUNE) or \
+        (meta.get("labels") or {}).get(builders.LABEL_FINETUNE)
+    return (meta.get("namespace"), name) if name else None
+
+
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or ():
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def _pick(mapping: Mapping[str, Any] | None, *keys: str) -> dict[str, Any]:
+    return {k: mapping[k] for k in keys if mapping and mapping.get(k) is not None}
+
+
+# What the status needs of each kind, and nothing more: 200 runs' pods stay small in memory.
+def trim_job(job: Mapping[str, Any]) -> dict[str, Any]:
+    spec = job.get("spec") or {}
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+    return {
+        "metadata": _pick(job.get("metadata"), "name", "namespace", "uid", "creationTimestamp", "labels",
+                          "annotations", "ownerReferences", "deletionTimestamp", "resourceVersion"),
+        "spec": _pick(spec, "suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit")
+        | {"template": {"spec": {"containers": [_pick(containers[0], "image")]}}},
+        "status": dict(job.get("status") or {}),
+    }
+
+
+def trim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "metadata": _pick(pod.get("metadata"), "name", "namespace", "uid", "creationTimestamp", "labels",
+                          "annotations", "ownerReferences", "deletionTimestamp"),
+        "status": dict(pod.get("status") or {}),
+    }
+
+
+def trim_finetune(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": _pick(body.get("metadata"), "name", "namespace", "uid", "generation", "creationTimestamp",
+                          "deletionTimestamp"),
+        "spec": dict(body.get("spec") or {}),
+        "status": dict(body.get("status") or {}),
+    }
+
+
+def parse_time(text: str | None) -> datetime | None:
+    try:
+        return datetime.strptime(text or "", "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+class Reporter:
+    def __init__(self, kube: Kube, settings: Settings, metrics: OperatorMetrics | None = None,
+                 enrich: Enrich | None = None, enrich_fields: Iterable[str] = ()):
+        self.kube = kube
+        self.settings = settings
+        self.metrics = metrics
+        self.enrich = enrich
+        self.owned = tuple(OWNED_FIELDS) + tuple(enrich_fields)
+        # The operator's view of the cluster, fed by kopf's watches.
+        self.finetunes: dict[Key, dict[str, Any]] = {}
+        self.jobs: dict[Key, dict[str, Any]] = {}
+        self.pods: dict[Key, dict[str, dict[str, Any]]] = {}
+        # The status as last written by us: fresher than any watch event about it.
+        self.written: dict[Key, dict[str, Any]] = {}
+        self._locks: dict[Key, asyncio.Lock] = {}
+        self._tasks: dict[Key, asyncio.Task] = {}
+        self._dirty: set[Key] = set()
+        self._specs: dict[Key, tuple] = {}
+        # Uids of the pods already counted in status.attempts.
+        self.counted: dict[Key, set[str]] = {}
+
+    # ----------------------------------------------------------------------------- the watches' view
+
+    def saw_finetune(self, body: Mapping[str, Any], deleted: bool = False) -> Key:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if deleted:
+            self.forget(key)
+        else:
+            self.finetunes[key] = trim_finetune(body)
+        return key
+
+    def saw_job(self, body: Mapping[str, Any], deleted: bool = False) -> Key | None:
+        key = key_of(body)
+        if key is None:
+            return None
+        if deleted:
+            if (self.jobs.get(key) or {}).get("metadata", {}).get("uid") == body["metadata"].get("uid"):
+                self.jobs.pop(key, None)
+        else:
+            self.jobs[key] = trim_job(body)
+        return key
+
+    def saw_pod(self, body: Mapping[str, Any], deleted: bool = False) -> Key | None:
+        key = key_of(body)
+        if key is None:
+            return None
+        pods = self.pods.setdefault(key, {})
+        if deleted:
+            pods.pop(body["metadata"]["name"], None)
+            if not pods:
+                self.pods.pop(key, None)
+        else:
+            pods[body["metadata"]["name"]] = trim_pod(body)
+        return key
+
+    def forget(self, key: Key) -> None:
+        for store in (self.finetunes, self.jobs, self.pods, self.written, self._locks, self._specs,
+                      self.counted):
+            store.pop(key, None)
+        self._dirty.discard(key)
+
+    def phases(self) -> dict[Key, str]:
+        """Each known resource's phase (for the operator's metrics)."""
+        out = {}
+        for key, body in list(self.finetunes.items()):
+            phase = (self.written.get(key) or body.get("status") or {}).get("phase")
+            out[key] = phase or Phase.PENDING.value
+        return out
+
+    def job_of(self, key: Key, uid: str) -> dict[str, Any] | None:
+        job = self.jobs.get(key)
+        return job if job is not None and controller_uid(job) == uid else None
+
+    # ---------------------------------------------------------------------------------- refreshing
+
+    def poke(self, key: Key) -> None:
+        """Refresh `key` soon; many pokes in a burst make one refresh."""
+        self._dirty.add(key)
+        if key not in self._tasks:
+            self._tasks[key] = asyncio.get_running_loop().create_task(self._drain(key))
+
+    async def _drain(self, key: Key) -> None:
+        failures = 0
+        try:
+            while key in self._dirty:
+                await asyncio.sleep(COALESCE_SECONDS)
+                self._dirty.discard(key)
+                try:
+                    await self.refresh(key)
+                    failures = 0
+                except Exception as err:  # noqa: BLE001 -- logged, counted and retried; never kills the loop
+                    reason = f"http{err.status}" if isinstance(err, ApiError) else type(err).__name__
+                    if self.metrics:
+                        self.metrics.errors.labels("status", reason).inc()
+                    log.warning("status of %s/%s not refreshed: %s", key[0], key[1], err)
+                    if failures < len(RETRY_SECONDS) and key in self.finetunes:
+                        await asyncio.sleep(RETRY_SECONDS[failures])
+                        failures += 1
+                        self._dirty.add(key)
+        finally:
+            self._tasks.pop(key, None)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spec(self, key: Key, body: Mapping[str, Any]):
+        """The parsed spec, parsed once per generation (a spec of 500 inline records is not free)."""
+        generation = (body["metadata"].get("uid"), body["metadata"].get("generation"))
+        cached = self._specs.get(key)
+        if cached is None or cached[0] != generation:
+            cached = self._specs[key] = (generation, *parse_spec(dict(body.get("spec") or {})))
+        return cached[1], cached[2]
+
+    def _lock(self, key: Key) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    async def refresh(self, key: Key, check: Check | None = None) -> dict[str, Any] | None:
+        """Recompute the status of `key` and patch what changed; `check` is a fresh spec check, if any.
+
+        Returns the status as now written (None when the resource is gone).
+        """
+        async with self._lock(key):
+            body = self.finetunes.get(key)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            if self.metrics:
+                self.metrics.reconciles.labels("status").inc()
+            namespace, name = key
+            uid = body["metadata"]["uid"]
+            raw_spec = body.get("spec") or {}
+            spec, parsed = self._spec(key, body)
+            if spec is None and check is None:
+                check = parsed
+            current = self.written.get(key)
+            if current is None:
+                current = body.get("status") or {}
+            job = self.job_of(key, uid)
+            if job is None and current.get("jobName"):
+                # The watch may not have shown it yet (just created, operator just started): ask.
+                fetched = await self.kube.get("Job", namespace, builders.job_name(name))
+                if fetched is not None and controller_uid(fetched) == uid:
+                    job = self.jobs[key] = trim_job(fetched)
+            pods = []
+            if job is not None:
+                job_uid = job["metadata"].get("uid")
+                pods = [p for p in (self.pods.get(key) or {}).values() if controller_uid(p) == job_uid]
+            now = datetime.now(timezone.utc)
+            desired = status_from(
+                generation=body["metadata"].get("generation"),
+                job=job,
+                pods=pods,
+                now=now,
+                previous=current,
+                check=check,
+                model=builders.resolved_model(spec, self.settings) if spec else None,
+                job_name=builders.job_name(name),
+                backoff_limit=spec.runtime.backoff_limit if spec else 3,
+                queue_name=spec.runtime.queue_name if spec else None,
+                suspend=bool(raw_spec.get("suspend")),
+                output_path=output_uri(spec) if spec else None,
+                counted_pods=self.counted.get(key),
+            )
+            if self.enrich is not None:
+                desired = self.enrich(body, desired, now)
+            patch = status_patch(current, desired, self.owned)
+            counted = self.counted.get(key, set()) | started_pods(pods)
+            if not patch:
+                self.counted[key] = counted
+                return current
+            try:
+                await self.kube.patch_status(namespace, name, patch)
+            except ApiError as err:
+                if err.not_found:
+                    return None
+                raise
+            written = {k: v for k, v in {**current, **patch}.items() if v is not None}
+            self.written[key] = written
+            self.counted[key] = counted
+            self._observe(body, current, written, now)
+            event = transition(current, written)
+            if event is not None:
+                try:
+                    await self.kube.post_event(body, event.type, event.reason, event.message)
+                except ApiError as err:  # an Event is worth a log line, not a failed reconcile
+                    log.warning("event for %s/%s not posted: %s", namespace, name, err)
+            return written
+
+    def _observe(self, body: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any],
+                 now: datetime) -> None:
+        created = parse_time(body["metadata"].get("creationTimestamp"))
+        if self.metrics and created and after.get("phase") == Phase.RUNNING.value and not before.get("startTime"):
+            self.metrics.running.observe(max(0.0, (now - created).total_seconds()))
+
+
+def output_uri(spec) -> str:
+    """Where the adapter is, as `pvc://<claim>/<path>` (the form KServe's storageUri takes)."""
+    pvc = spec.output.pvc
+    return f"pvc://{pvc.claim_name}/{pvc.path}" if pvc.path else f"pvc://{pvc.claim_name}"
