@@ -64,15 +64,39 @@ def build_inputs(src: Path = HERE) -> list[Path]:
     return sorted(files)
 
 
-def build_key(src: Path = HERE, go_version: str = "") -> str:
-    h = hashlib.sha256(go_version.encode())
+def module_version(src: Path, module: str) -> str:
+    """The version go.mod pins for a module, e.g. v1.37.2 for k8s.io/kubernetes."""
+    for line in (src / "go.mod").read_text().splitlines():
+        words = line.removeprefix("require").split()
+        if len(words) >= 2 and words[0] == module:
+            return words[1]
+    raise ClusterError(f"{src / 'go.mod'} does not pin {module}")
+
+
+def ldflags(src: Path = HERE) -> str:
+    """Strip symbols, and stamp the Kubernetes version (else the API server says v0.0.0-master)."""
+    v = module_version(src, "k8s.io/kubernetes")
+    major, minor = v.lstrip("v").split(".")[:2]
+    flags = ["-s", "-w"]
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [f"-X {pkg}.gitVersion={v}", f"-X {pkg}.gitMajor={major}", f"-X {pkg}.gitMinor={minor}",
+                  f"-X {pkg}.gitTreeState=clean", f"-X {pkg}.gitCommit=localcluster"]
+    return " ".join(flags)
+
+
+def build_key(src: Path = HERE, toolchain: str = "") -> str:
+    """A hash of the Go toolchain and flags and every Go input file of the modules."""
+    h = hashlib.sha256(toolchain.encode())
     for p in build_inputs(src):
         h.update(str(p.relative_to(src)).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
 def find_go() -> str | None:
-    for candidate in (os.environ.get("GO"), shutil.which("go"), "/usr/local/go/bin/go"):
+    """$GO when set (and only it), else `go` on PATH, else Go's default install folder."""
+    if os.environ.get("GO"):
+        return os.environ["GO"] if os.access(os.environ["GO"], os.X_OK) else None
+    for candidate in (shutil.which("go"), "/usr/local/go/bin/go"):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -103,7 +127,8 @@ def build(src: Path = HERE) -> tuple[Path, list[str]]:
             "(https://go.dev/dl/, e.g. unpack go1.26.linux-amd64.tar.gz into /usr/local and add /usr/local/go/bin "
             "to PATH; or `apt-get install golang-1.26`), or point GO=/path/to/go at it, then run again.")
     version = go_version(go)
-    key = build_key(src, version)
+    flags = ldflags(src)
+    key = build_key(src, version + flags)
     out = cache_root() / key / "bin"
     complete = out / ".complete"
     if complete.exists():
@@ -122,7 +147,7 @@ def build(src: Path = HERE) -> tuple[Path, list[str]]:
         for name, moddir, pkg in targets:
             say(f"building {name} with {version} (the first build takes a long while; it is cached in {out})")
             t0 = time.monotonic()
-            cmd = [go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(tmp / name), pkg]
+            cmd = [go, "build", "-trimpath", f"-ldflags={flags}", "-o", str(tmp / name), pkg]
             proc = subprocess.run(cmd, cwd=moddir, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise ClusterError(f"`{' '.join(cmd)}` in {moddir} failed:\n{proc.stderr[-4000:]}")
@@ -337,9 +362,14 @@ class Cluster:
         code, body = self.get(f"{self.server}/api/v1/nodes/{NODE_NAME}")
         if code != 200:
             return False, f"node {NODE_NAME} not registered yet ({code})"
-        conds = {c["type"]: c for c in json.loads(body).get("status", {}).get("conditions", [])}
+        node = json.loads(body)
+        conds = {c["type"]: c for c in node.get("status", {}).get("conditions", [])}
         ready = conds.get("Ready", {})
-        return ready.get("status") == "True", ready.get("message", "no Ready condition yet")
+        if ready.get("status") != "True":
+            return False, ready.get("message", "no Ready condition yet")
+        # the node lifecycle controller lifts the not-ready taint a few seconds after Ready; pods wait for it
+        taints = [t["key"] for t in node.get("spec", {}).get("taints") or []]
+        return not taints, f"Ready, still tainted {taints}"
 
     # -- starting
 
@@ -376,7 +406,7 @@ class ComponentFailed(ClusterError):
 
     @property
     def port_busy(self) -> bool:
-        return "address already in use" in tail(self.log, 60)
+        return "address already in use" in tail(self.log, 60).lower()
 
 
 def pick_port(name: str, wanted: int | None) -> int:
@@ -438,6 +468,15 @@ def default_images(python: str) -> str:
     return json.dumps({"images": rules}, indent=1)
 
 
+def check_agent_python() -> None:
+    """The node agent runs with this interpreter and needs the Kubernetes client and PyYAML."""
+    probe = subprocess.run([sys.executable, "-c", "import kubernetes, yaml, urllib3"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise ClusterError(f"{sys.executable} lacks the node agent's packages ({probe.stderr.strip().splitlines()[-1]}); "
+                           "run this with the project's venv (`make venv`, then .venv/bin/python) or "
+                           "`pip install kubernetes pyyaml`")
+
+
 def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, timeout: float) -> Cluster:
     d.mkdir(parents=True, exist_ok=True)
     if any(d.iterdir()) and not (d / MARKER).exists():
@@ -459,6 +498,7 @@ def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, ti
             (d / f).unlink(missing_ok=True)
 
         t0 = time.monotonic()
+        check_agent_python()
         bin_dir, compiled = build()
         say(f"binaries: {'compiled ' + ', '.join(compiled) if compiled else 'cached, built nothing'} ({bin_dir})")
         c = Cluster(dir=d, bin_dir=str(bin_dir), started=time.time(), pod_ip_prefix=pod_ip_prefix())

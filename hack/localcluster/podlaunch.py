@@ -37,6 +37,31 @@ def host_mounts() -> list[str]:
     return points
 
 
+def in_root(root: str, path: str) -> str:
+    """The host path of `path` as seen from inside `root`: symlinks (like /var/run -> /run) are followed
+    within the root, never out to the host's own folders."""
+    parts = [p for p in path.split("/") if p]
+    resolved = ""
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            resolved = resolved.rsplit("/", 1)[0]
+            continue
+        candidate = f"{resolved}/{part}"
+        if os.path.islink(root + candidate):
+            hops += 1
+            if hops > 40:
+                raise OSError(f"too many symlinks in {path}")
+            target = os.readlink(root + candidate)
+            parts = [p for p in target.split("/") if p] + parts
+            if target.startswith("/"):
+                resolved = ""
+            continue
+        resolved = candidate
+    return root + (resolved or "/")
+
+
 def build_root(spec: dict) -> str:
     base = spec["root"]
     run("mount", "-t", "tmpfs", "-o", "mode=755", "podroot", base)
@@ -57,7 +82,7 @@ def build_root(spec: dict) -> str:
         else:
             run("mount", "--bind", point, target)
     for m in spec["mounts"]:
-        target = root + m["target"]
+        target = in_root(root, m["target"])
         if os.path.isdir(m["source"]):
             os.makedirs(target, exist_ok=True)
         else:

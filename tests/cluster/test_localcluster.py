@@ -43,7 +43,8 @@ def wait_phase(cluster, kubectl, name: str, phases=("Succeeded",), timeout: floa
 
 
 def container_state(p: dict) -> dict:
-    return p["status"]["containerStatuses"][0]["state"]
+    statuses = p.get("status", {}).get("containerStatuses") or [{"state": {}}]
+    return statuses[0]["state"]
 
 
 # ------------------------------------------------------------------------------------------ control plane

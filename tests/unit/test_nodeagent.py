@@ -260,3 +260,13 @@ def test_build_key_changes_with_the_inputs(tmp_path):
     assert localcluster.build_key(tmp_path, "go1.27") != key
     (tmp_path / "main.go").write_text("package main\n// changed\n")
     assert localcluster.build_key(tmp_path, "go1.26") != key
+
+
+def test_mount_targets_follow_symlinks_inside_the_pod_root(tmp_path):
+    from hack.localcluster.podlaunch import in_root
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    (root / "var").mkdir()
+    (root / "var" / "run").symlink_to("/run")  # absolute, as on Debian: must stay inside the root
+    assert in_root(str(root), "/var/run/secrets/token") == f"{root}/run/secrets/token"
+    assert in_root(str(root), "/etc/config") == f"{root}/etc/config"
