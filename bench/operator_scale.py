@@ -107,14 +107,17 @@ def main() -> int:
             "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "adapters"},
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}))
         op = OperatorProcess(cluster, [namespace]).start()
-        idle_rss = op.rss_bytes()
+        idle_rss, cpu0 = op.rss_bytes(), op.cpu_seconds()
         result = asyncio.run(run(cluster, namespace, args.count, args.concurrency))
+        busy = op.cpu_seconds() - cpu0
         time.sleep(2)  # let the last status patches land before reading memory
         lat = result["latencies"]
         print(f"operator_scale: {args.count} QLoRAFinetunes (suspended), POSTed with concurrency "
               f"{args.concurrency} in {result['posted']:.2f}s; all Jobs seen after {result['wall']:.2f}s")
         print(f"creation -> Job created (s, poll {POLL}s): p50 {statistics.median(lat):.3f}  "
               f"p90 {percentile(lat, 90):.3f}  p99 {percentile(lat, 99):.3f}  max {max(lat):.3f}")
+        print(f"operator CPU: {busy:.1f}s over {result['wall']:.1f}s wall ({os.cpu_count()} CPUs on this machine, "
+              f"load average {os.getloadavg()[0]:.1f})")
         print(f"operator memory: idle RSS {idle_rss / 2**20:.1f} MiB, peak RSS (VmHWM) "
               f"{op.peak_rss_bytes() / 2**20:.1f} MiB, now {op.rss_bytes() / 2**20:.1f} MiB")
         hist = [line for line in op.metrics().splitlines()

@@ -149,30 +149,22 @@ async def _reconcile(op: Operator, key: Key, body: kopf.Body, retry: int) -> Non
     if spec is None:
         await op.reporter.refresh(key, check=check)
         raise kopf.PermanentError(check.message)
-    job = await _find_job(op, key, owner)
-    if job is None:
-        if (body.get("status") or {}).get("jobName") or (op.reporter.written.get(key) or {}).get("jobName"):
-            # Created once and gone since (a finished run's TTL, or deleted by hand): never run twice.
-            await op.reporter.refresh(key)
-            return
+    # The watches' view (primed at start) knows our Job; a Job it has not seen yet is adopted on create (409).
+    job = op.reporter.job_of(key, owner.uid)
+    created_before = (body.get("status") or {}).get("jobName") or (op.reporter.written.get(key) or {}).get("jobName")
+    if job is None and created_before:
+        await op.reporter.refresh(key)  # asks the API server for the Job the watch has not shown
+        job = op.reporter.job_of(key, owner.uid)
+        if job is None:
+            return  # created once and gone since (a finished run's TTL, or deleted by hand): never run twice
+    elif job is None:
         check = await check_references(spec, owner.namespace, op.kube.get)
         if not check.ok:
             await op.reporter.refresh(key, check=check)
             raise kopf.TemporaryError(check.message, delay=backoff(retry))
         job = await _create_children(op, key, owner, spec)
-    else:
-        await _sync_job(op, key, job, spec)
+    await _sync_job(op, key, job, spec)
     await op.reporter.refresh(key, check=VALID)
-
-
-async def _find_job(op: Operator, key: Key, owner: builders.Owner) -> dict[str, Any] | None:
-    job = op.reporter.job_of(key, owner.uid)
-    if job is None:
-        fetched = await op.kube.get("Job", owner.namespace, builders.job_name(owner.name))
-        if fetched is not None:
-            _check_ours(fetched, owner)
-            job = op.reporter.jobs[key] = trim_job(fetched)
-    return job
 
 
 def _check_ours(obj: dict[str, Any], owner: builders.Owner) -> None:

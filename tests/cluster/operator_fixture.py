@@ -15,7 +15,7 @@ For cluster and e2e tests (import the fixtures in a conftest or test module:
 
 `OperatorProcess`: `start()`, `stop()` (SIGTERM, then SIGKILL), `kill()` (SIGKILL: a crash), `restart()`,
 `running`, `pid`, `log(since_start=False)` (what it printed), `metrics()` (its Prometheus text), `healthy()`,
-`rss_bytes()` (resident memory now) and `peak_rss_bytes()` (VmHWM, the peak so far).
+`cpu_seconds()`, `rss_bytes()` (resident memory now) and `peak_rss_bytes()` (VmHWM, the peak so far).
 """
 
 from __future__ import annotations
@@ -137,6 +137,11 @@ class OperatorProcess:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
         return 0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the operator process has used."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_bytes(self) -> int:
         return self._status_kib("VmRSS")
