@@ -348,9 +348,13 @@ def token_kubeconfig(path: Path, server: str, token: str) -> Path:
 def release(cluster, standin_image):
     """The chart installed with its defaults (cluster-wide), but the stand-in trainer and a test base model."""
     ns = f"qlora-system-{uuid.uuid4().hex[:6]}"
+    # The Pod Security Standards' "restricted" profile, enforced by the API server's PodSecurity admission:
+    # an operator pod that broke it would never be created.
+    cluster.kubectl("create", "namespace", ns)
+    cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted",
+                    "pod-security.kubernetes.io/enforce-version=latest")
     rel = Release(cluster, ns)
-    out = rel.helm("install", RELEASE, str(CHART), "--namespace", ns, "--create-namespace", "--wait",
-                   "--timeout", "5m", *helm_values())
+    out = rel.helm("install", RELEASE, str(CHART), "--namespace", ns, "--wait", "--timeout", "5m", *helm_values())
     rel.notes = out.stdout
     try:
         yield rel
@@ -384,6 +388,8 @@ def test_install_notes_tell_the_next_command(release):
 
 def test_operator_runs_as_the_charts_deployment_under_its_service_account(release, cluster):
     pod = wait_operator_ready(release)
+    labels = cluster.kubectl_json("get", "namespace", release.namespace)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     assert pod["spec"]["serviceAccountName"] == release.fullname
     # What the ServiceAccount may do, as the API server's authorizer answers it.
     sa = f"system:serviceaccount:{release.namespace}:{release.fullname}"
