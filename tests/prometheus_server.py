@@ -1,12 +1,14 @@
 """A real Prometheus server (Debian's `prometheus` package) for tests: started on a free loopback port with a
 generated config and a temporary storage folder, stopped and removed afterwards.
 
-    with PrometheusServer(tmp_path, [kubernetes_pods_job(kubeconfig, "ns")]) as prom:
+    sd = KubernetesPodsSD(kubeconfig, ["ns"])
+    with PrometheusServer(tmp_path, [kubernetes_pods_job(sd.url)]) as prom:
         prom.wait_for_series('{__name__="qlora_trainer_step"}')
 
-`kubernetes_pods_job` is the plain kubernetes_sd scrape config a user without prometheus-operator would
-write: it finds trainer pods through the API server and gives their series the `namespace` and `pod` labels a
-PodMonitor gives, which is what the operator's Prometheus mode selects on.
+`kubernetes_pods_job` is the scrape config a user without prometheus-operator writes for trainer pods (keep
+the pods labelled `qlora.io/finetune`, label series with `namespace` and `pod`, as a PodMonitor does), which is
+what the operator's Prometheus mode selects on. Debian's Prometheus has no kubernetes_sd, so the pods come
+from `KubernetesPodsSD`, an http_sd endpoint giving them kubernetes_sd's meta labels.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -48,26 +52,70 @@ def _sd_label(label: str) -> str:
     return "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in label)
 
 
-def kubernetes_pods_job(kubeconfig: Path, namespaces: list[str] | None = None, port: int = 9090,
-                        pod_label: str = TRAINER_POD_LABEL) -> dict[str, Any]:
-    """A kubernetes_sd job scraping `<pod IP>:<port>/metrics` of every running pod carrying `pod_label`."""
-    config = yaml.safe_load(Path(kubeconfig).read_text())
-    cluster = config["clusters"][0]["cluster"]
-    user = config["users"][0]["user"]
-    tls = {"ca_file": cluster["certificate-authority"]}
-    if "client-certificate" in user:
-        tls.update(cert_file=user["client-certificate"], key_file=user["client-key"])
-    sd: dict[str, Any] = {"role": "pod", "api_server": cluster["server"], "tls_config": tls}
-    if namespaces:
-        sd["namespaces"] = {"names": list(namespaces)}
+def pod_targets(pods: list[dict[str, Any]], port: int = 9090) -> list[dict[str, Any]]:
+    """Prometheus targets for pods, with the meta labels kubernetes_sd (role: pod) gives them."""
+    groups = []
+    for pod in pods:
+        meta, status = pod["metadata"], pod.get("status") or {}
+        if not status.get("podIP"):
+            continue
+        labels = {
+            "__meta_kubernetes_namespace": meta["namespace"],
+            "__meta_kubernetes_pod_name": meta["name"],
+            "__meta_kubernetes_pod_ip": status["podIP"],
+            "__meta_kubernetes_pod_phase": status.get("phase", ""),
+        }
+        labels.update({_sd_label(k): v for k, v in (meta.get("labels") or {}).items()})
+        groups.append({"targets": [f"{status['podIP']}:{port}"], "labels": labels})
+    return groups
+
+
+class KubernetesPodsSD:
+    """An HTTP service-discovery endpoint listing a cluster's pods with kubernetes_sd's meta labels.
+
+    Debian's Prometheus is built without kubernetes_sd; this stands in for it over http_sd, so the scrape
+    config keeps the relabelling a kubernetes_sd (or PodMonitor) user writes.
+    """
+
+    def __init__(self, kubeconfig: Path, namespaces: list[str], port: int = 9090):
+        from kubernetes import client, config
+
+        self.api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+        self.namespaces, self.port = list(namespaces), port
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                pods = [p for ns in outer.namespaces
+                        for p in outer.api.list_namespaced_pod(ns).to_dict(serialize=True)["items"]]
+                body = json.dumps(pod_targets(pods, outer.port)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/targets"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def kubernetes_pods_job(sd_url: str, pod_label: str = TRAINER_POD_LABEL) -> dict[str, Any]:
+    """A job scraping `<pod IP>:9090/metrics` of every running pod carrying `pod_label`, from an SD endpoint
+    with kubernetes_sd's meta labels; its series get the `namespace` and `pod` labels a PodMonitor gives."""
     return {
         "job_name": "qlora-trainers",
-        "kubernetes_sd_configs": [sd],
+        "http_sd_configs": [{"url": sd_url, "refresh_interval": "1s"}],
         "relabel_configs": [
             {"source_labels": [_sd_label(pod_label)], "regex": ".+", "action": "keep"},
             {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Running", "action": "keep"},
-            {"source_labels": ["__meta_kubernetes_pod_ip"], "target_label": "__address__",
-             "replacement": f"$1:{port}"},
             {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
             {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
         ],

@@ -112,9 +112,10 @@ def merge_metrics(desired: dict[str, Any], previous: Mapping[str, Any], track: M
     if desired.get("phase") == Phase.RUNNING.value and track is not None:
         reason = running_reason(track.last_good)
         if reason:
+            # The trainer's phase refines the plain "Running" reason only ("Finishing" says more than it).
             out["conditions"] = [
                 {**c, "reason": reason} if c.get("type") == ConditionType.RUNNING.value and c.get("status") == "True"
-                else c
+                and c.get("reason") == "Running" else c
                 for c in desired.get("conditions") or ()
             ]
         note = stale_note(track)

@@ -228,6 +228,9 @@ def verdict_of_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *,
                        "suspended: pods are stopped and checkpoints kept; set spec.suspend to false to resume")
     if any(_running(p) for p in live):
         return Verdict(Phase.RUNNING.value, "Running", f"the trainer is running (Job {name})")
+    if any((p.get("status") or {}).get("phase") == "Succeeded" for p in live):
+        # The trainer is done and the Job controller marks the Job Complete a moment later: still running.
+        return Verdict(Phase.RUNNING.value, "Finishing", f"the trainer finished; Job {name} is completing")
     image = ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers", [{}])[0].get("image")
     for pod in sorted(live, key=_pod_time, reverse=True):
         problem = pod_waiting_problem(pod, image)

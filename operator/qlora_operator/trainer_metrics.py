@@ -383,8 +383,9 @@ def stale_note(track: MetricsTrack) -> str | None:
     """One line for `status.message` while reads fail, or None while they succeed."""
     if track.stale_since is None:
         return None
-    kept = "last values kept" if track.last_good is not None else "no values read yet"
-    return f"Trainer metrics stale since {rfc3339(track.stale_since)} ({track.error}); {kept}"
+    if track.last_good is None:
+        return f"no trainer metrics read yet ({track.error})"
+    return f"Trainer metrics stale since {rfc3339(track.stale_since)} ({track.error}); last values kept"
 
 
 def with_note(message: str | None, note: str | None) -> str | None:

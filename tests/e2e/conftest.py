@@ -141,10 +141,10 @@ class StatusRecorder:
         samples = self.all()
         return samples[-1] if samples else {}
 
-    def wait_for(self, predicate, timeout: float, what: str) -> dict:
-        """The first status (seen from now on, or already) for which `predicate` holds."""
+    def wait_for(self, predicate, timeout: float, what: str, after: dict | None = None) -> dict:
+        """The first status for which `predicate` holds: of all seen so far, or of those after `after`."""
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = self.all().index(after) + 1 if after is not None else 0
         while time.monotonic() < deadline:
             samples = self.all()
             for status in samples[seen:]:

@@ -23,7 +23,7 @@ from tests.e2e.conftest import (
     kill_trainer,
     operator_process,
 )
-from tests.prometheus_server import PrometheusServer, kubernetes_pods_job, prometheus_binary
+from tests.prometheus_server import KubernetesPodsSD, PrometheusServer, kubernetes_pods_job, prometheus_binary
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
@@ -65,6 +65,10 @@ def test_a_run_shows_progress_and_falling_loss_then_succeeds(cluster, namespace,
     assert final["phase"] == "Succeeded", json.dumps(final, indent=1)
     assert waiter.returncode == 0, out
     assert "condition met" in out
+    # What `kubectl get qft -w` shows: forward only, Pending to Running to Succeeded.
+    phases = [s["phase"] for s in samples if s.get("phase")]
+    assert [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]] in (
+        ["Pending", "Running", "Succeeded"], ["Running", "Succeeded"]), phases
 
     # While running: intermediate progress, an ETA, the trainer's phase as the Running reason, a falling loss.
     running = [s for s in samples if s.get("phase") == "Running" and s.get("step") is not None]
@@ -143,7 +147,8 @@ def test_a_killed_pod_is_retried_and_resumes_from_its_checkpoint(cluster, namesp
 @pytest.mark.skipif(prometheus_binary() is None, reason="prometheus is not installed (apt-get install prometheus)")
 def test_prometheus_mode_and_metrics_that_go_away(cluster, namespace, demo_inputs, crd, tmp_path):
     resource = finetune("prom", maxSteps=30)
-    prom = PrometheusServer(tmp_path / "prometheus", [kubernetes_pods_job(cluster.kubeconfig, [namespace])]).start()
+    sd = KubernetesPodsSD(cluster.kubeconfig, [namespace])
+    prom = PrometheusServer(tmp_path / "prometheus", [kubernetes_pods_job(sd.url)]).start()
     try:
         with operator_process(cluster, namespace, prometheus_url=prom.url) as op, \
                 StatusRecorder(cluster, namespace, "prom") as rec:
@@ -154,21 +159,27 @@ def test_prometheus_mode_and_metrics_that_go_away(cluster, namespace, demo_input
             assert f"reading trainer metrics from Prometheus at {prom.url}" in op.log()
 
             # The metrics source goes away mid-run: values stay, the phase stays, the message says since when.
+            before_stop = rec.last()
             prom.stop()
             stale = rec.wait_for(lambda s: "stale since" in (s.get("message") or ""), RUN_TIMEOUT,
-                                 "the status to say the metrics are stale")
+                                 "the status to say the metrics are stale", after=before_stop)
             final = rec.wait_for(lambda s: s.get("phase") in ("Succeeded", "Failed"), RUN_TIMEOUT, "the end")
             samples = rec.all()
     finally:
         prom.stop()
+        sd.close()
 
     assert stale["phase"] == "Running"
-    assert re.search(r"stale since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stale["message"]), stale["message"]
+    assert re.search(r"Trainer metrics stale since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(.+\); last values kept",
+                     stale["message"]), stale["message"]
     assert stale["step"] >= live["step"] and stale["loss"] is not None
-    # Between the first stale status and the end, neither the phase nor the values moved.
-    frozen = samples[samples.index(stale):samples.index(final)]
-    assert {s["phase"] for s in frozen} == {"Running"}
+    # From the first stale status until the trainer ended, neither the phase nor the values moved.
+    after = samples[samples.index(stale):samples.index(final)]
+    ended = next((i for i, s in enumerate(after) if s.get("step") == final["step"]), len(after))
+    frozen = after[:ended]
+    assert frozen and {s["phase"] for s in frozen} == {"Running"}
     assert {(s.get("step"), s.get("loss")) for s in frozen} == {(stale["step"], stale["loss"])}
+    assert "Failed" not in {s["phase"] for s in after}
     # The final values come from the termination summary, though no read saw them.
     assert final["phase"] == "Succeeded", json.dumps(final, indent=1)
     summary = json.loads((demo_inputs.output(resource) / "summary.json").read_text())

@@ -96,6 +96,13 @@ def test_a_reading_adds_fields_and_the_running_reason():
     assert out["phase"] == "Running" and out["message"] == "the trainer is running (Job bot)"
 
 
+def test_a_more_telling_reason_than_running_stays():
+    desired = running_desired()
+    desired["conditions"][0]["reason"] = "Finishing"
+    out, _ = merge(desired, track=reading(step=20, phase=Phase.TRAINING))
+    assert out["conditions"][0]["reason"] == "Finishing"
+
+
 def test_without_readings_the_previous_values_stay():
     previous = {"step": 7, "loss": 2.0, "progress": "35%"}
     out, changed = merge(running_desired(), previous=previous)
@@ -216,7 +223,7 @@ def test_tick_reads_running_trainers_and_pokes_what_changed(feed):
     assert out["step"] == 3 and out["progress"] == "30%"
     feed.reporter.written[("ml", "bot")] = out
     down = feed.enrich(feed.reporter.finetunes[("ml", "down")], running_desired(), NOW)
-    assert "stale since" in down["message"] and "no values read yet" in down["message"]
+    assert down["message"].endswith("; no trainer metrics read yet (connection refused)")
     feed.reporter.written[("ml", "down")] = down
     # Nothing new on the next tick: no pokes.
     feed.reporter.poked.clear()
