@@ -118,7 +118,13 @@ def localcluster(*args: str, check: bool = True, env: dict | None = None,
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory) -> LocalCluster:
     if os.environ.get("QLORA_TEST_EXTERNAL_CLUSTER") == "1" and os.environ.get("KUBECONFIG"):
-        bin_dir = Path(localcluster("build").stdout.strip().rsplit(": ", 1)[-1])
+        # kubectl and helm of the pinned release when they can be built, else whatever PATH has
+        bin_dir = tmp_path_factory.mktemp("bin")
+        built = localcluster("build", check=False)
+        if built.returncode == 0:
+            cache = Path(built.stdout.strip().splitlines()[-1].rsplit(": ", 1)[-1])
+            (bin_dir / "kubectl").symlink_to(cache / "localkube")
+            (bin_dir / "helm").symlink_to(cache / "helm")
         yield LocalCluster(None, Path(os.environ["KUBECONFIG"]), bin_dir, external=True)
         return
     reuse = os.environ.get("QLORA_TEST_CLUSTER_DIR")

@@ -50,6 +50,14 @@ FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
+def resource_version(obj: dict) -> int:
+    """etcd's revision behind an object's resourceVersion, to order what a list and a watch said."""
+    try:
+        return int(obj["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
 def now_iso(t: float | None = None) -> str:
     return dt.datetime.fromtimestamp(time.time() if t is None else t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -327,6 +335,18 @@ def container_mounts(container: dict, volume_dirs: dict[str, tuple[str, bool]], 
         mounts.append(Mount(source, vm["mountPath"], bool(vm.get("readOnly") or ro)))
     mounts.append(Mount(termination_file, container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH))
     return mounts
+
+
+def hosts_file(pod: dict, ip: str) -> str:
+    """The /etc/hosts the kubelet writes for a pod: localhost, and the pod's hostname at its IP."""
+    spec = pod["spec"]
+    name = spec.get("hostname") or pod["metadata"]["name"]
+    fqdn = f"{name}.{spec['subdomain']}.{pod['metadata']['namespace']}.svc.cluster.local\t" if spec.get("subdomain") else ""
+    lines = ["# Kubernetes-managed hosts file (localcluster node agent).", "127.0.0.1\tlocalhost",
+             "::1\tlocalhost ip6-localhost ip6-loopback", f"{ip}\t{fqdn}{name}"]
+    for alias in spec.get("hostAliases") or []:
+        lines.append(f"{alias['ip']}\t" + "\t".join(alias.get("hostnames") or []))
+    return "\n".join(lines) + "\n"
 
 
 def terminated_state(returncode: int, started: float, finished: float, message: str = "",
@@ -771,8 +791,8 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 listing = self.kube.call("GET", path, query=query)
-                self.events.put(("LIST", listing["items"]))
                 rv = listing["metadata"]["resourceVersion"]
+                self.events.put(("LIST", (listing["items"], int(rv))))
                 while not self.stopping.is_set():
                     for ev in self.kube.watch(path, {**query, "resourceVersion": rv}):
                         rv = ev["object"]["metadata"].get("resourceVersion", rv)
@@ -786,6 +806,13 @@ class Agent:
             except Exception as e:
                 self.log(f"pod watch: {type(e).__name__}: {e}")
                 self.stopping.wait(1)
+
+    def resync_loop(self) -> None:
+        """A full list now and then, in case a watch stalls without an error."""
+        while not self.stopping.wait(30):
+            with contextlib.suppress(Exception):
+                listing = self.kube.call("GET", "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={self.node}"})
+                self.events.put(("LIST", (listing["items"], int(listing["metadata"]["resourceVersion"]))))
 
     # -- the sync loop (one thread owns all PodRuns)
 
@@ -806,11 +833,13 @@ class Agent:
 
     def observe(self, kind: str, obj) -> None:
         if kind == "LIST":
-            seen = {p["metadata"]["uid"] for p in obj}
+            items, list_rv = obj
+            seen = {p["metadata"]["uid"] for p in items}
             for uid, run in self.runs.items():
-                if uid not in seen:
+                # a pod missing from the list is gone, unless the watch told us of it after the list was taken
+                if uid not in seen and resource_version(run.pod) <= list_rv:
                     run.deleted_in_api = True
-            for pod in obj:
+            for pod in items:
                 self.observe("MODIFIED", pod)
             return
         uid = obj["metadata"]["uid"]
@@ -820,7 +849,8 @@ class Agent:
                 self.runs[uid].pod = obj
             return
         if uid in self.runs:
-            self.runs[uid].pod = obj
+            if resource_version(obj) >= resource_version(self.runs[uid].pod):
+                self.runs[uid].pod = obj
             return
         run = PodRun(pod=obj, dir=self.state / "pods" / f"{obj['metadata']['namespace']}_{obj['metadata']['name']}_{uid}")
         if obj.get("status", {}).get("phase") in ("Succeeded", "Failed"):
@@ -1013,6 +1043,10 @@ class Agent:
             term = cdir / "termination-log"
             term.write_bytes(b"")
             mounts = container_mounts(c.spec, run.volume_dirs, str(term))
+            if not run.pod["spec"].get("hostNetwork"):
+                hosts = run.dir / "etc-hosts"
+                hosts.write_text(hosts_file(run.pod, run.ip))
+                mounts.append(Mount(str(hosts), "/etc/hosts", True))
         except (ConfigError, KubeError) as e:
             msg = str(e)
             if c.state.get("waiting", {}).get("message") != msg:
@@ -1317,7 +1351,7 @@ def main(argv: list[str] | None = None) -> int:
     agent.renew_lease()
     agent.log(f"node {agent.node} registered: {agent.allocatable}, kubelet port {args.kubelet_port}, "
               f"mount namespaces {'on' if agent.isolate else 'OFF'}")
-    for target in (agent.heartbeat_loop, agent.provisioner_loop, agent.watch_loop):
+    for target in (agent.heartbeat_loop, agent.provisioner_loop, agent.watch_loop, agent.resync_loop):
         threading.Thread(target=target, daemon=True, name=target.__name__).start()
     try:
         agent.sync_loop()

@@ -182,8 +182,12 @@ def test_deleting_the_owner_deletes_the_job(cluster, kubectl):
     kubectl("delete", "configmap", "owner")
     cluster.wait_until(lambda: kubectl("get", "job", "owned", check=False).returncode != 0, 90,
                        "the garbage collector to delete the job")
-    cluster.wait_until(lambda: not kubectl.json("get", "pods", "-l", "job-name=owned")["items"], 90,
-                       "the job's pod to go")
+    try:
+        cluster.wait_until(lambda: not kubectl.json("get", "pods", "-l", "job-name=owned")["items"], 90,
+                           "the job's pod to go")
+    except BaseException:
+        print(kubectl("get", "pods", "-o", "yaml").stdout)  # what held it, for the report
+        raise
 
 
 # ------------------------------------------------------------------------------------------ the node agent
@@ -223,10 +227,15 @@ def test_pods_serve_the_same_port_on_their_own_ips(cluster, kubectl):
               "class H(http.server.BaseHTTPRequestHandler):\n"
               "    def do_GET(self):\n"
               "        self.send_response(200); self.end_headers(); self.wfile.write(os.environ['NAME'].encode())\n"
-              "http.server.HTTPServer((os.environ['POD_IP'], 8080), H).serve_forever()\n")
+              "http.server.HTTPServer((os.environ['POD_IP'], int(os.environ['PORT'])), H).serve_forever()\n")
+    with socket.socket() as s:  # a port no process of the host holds on 0.0.0.0, which would shadow the pods
+        s.bind(("0.0.0.0", 0))
+        port = s.getsockname()[1]
     env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-           {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
-    apply(kubectl, *(pod(n, server, container={"env": env, "ports": [{"containerPort": 8080}]}) for n in ("web-a", "web-b")))
+           {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+           {"name": "PORT", "value": str(port)}]
+    apply(kubectl, *(pod(n, server, container={"env": env, "ports": [{"containerPort": port}]})
+                     for n in ("web-a", "web-b")))
     ips = {}
     for name in ("web-a", "web-b"):
         p = wait_phase(cluster, kubectl, name, phases=("Running",))
@@ -236,11 +245,12 @@ def test_pods_serve_the_same_port_on_their_own_ips(cluster, kubectl):
 
     def answer(ip):
         try:
-            return urllib.request.urlopen(f"http://{ip}:8080/", timeout=2).read().decode()
+            return urllib.request.urlopen(f"http://{ip}:{port}/", timeout=2).read().decode()
         except OSError:
             return None
     for name, ip in ips.items():
-        assert cluster.wait_until(lambda: answer(ip), 30, f"{name} to answer on {ip}:8080") == name
+        assert cluster.wait_until(lambda: answer(ip), 30, f"{name} to answer on {ip}:{port}") == name
+    assert [pod_phase(kubectl, n) for n in ips] == ["Running", "Running"]
     kubectl("delete", "pod", "web-a", "web-b", "--grace-period=5", timeout=60)
 
 

@@ -270,3 +270,11 @@ def test_mount_targets_follow_symlinks_inside_the_pod_root(tmp_path):
     (root / "var" / "run").symlink_to("/run")  # absolute, as on Debian: must stay inside the root
     assert in_root(str(root), "/var/run/secrets/token") == f"{root}/run/secrets/token"
     assert in_root(str(root), "/etc/config") == f"{root}/etc/config"
+
+
+def test_hosts_file_names_the_pod_at_its_ip():
+    pod = make_pod(hostname="trainer-0", subdomain="run1", hostAliases=[{"ip": "127.0.0.5", "hostnames": ["hub"]}])
+    hosts = na.hosts_file(pod, "127.9.0.3")
+    assert "127.0.0.1\tlocalhost" in hosts
+    assert "127.9.0.3\ttrainer-0.run1.ml.svc.cluster.local\ttrainer-0" in hosts
+    assert "127.0.0.5\thub" in hosts
