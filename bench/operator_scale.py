@@ -43,6 +43,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
+def api_call_means(text: str) -> str:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "qlora_operator_api_request_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith(("_sum", "_count")):
+                entry = sums.setdefault(sample.labels["verb"], [0.0, 0.0])
+                entry[sample.name.endswith("_count")] += sample.value
+    return ", ".join(f"{verb} {total / count:.3f}s x{count:.0f}" for verb, (total, count) in sorted(sums.items())
+                     if count)
+
+
 def resource(name: str) -> dict:
     return {
         "apiVersion": "qlora.io/v1alpha1", "kind": "QLoRAFinetune", "metadata": {"name": name},
@@ -59,14 +74,17 @@ async def run(cluster: LocalCluster, namespace: str, count: int, concurrency: in
     kube = await Kube.connect()
     created: dict[str, float] = {}
     seen: dict[str, float] = {}
+    posts: list[float] = []  # round trips of the POSTs: what one API call costs on this machine now
     limit = asyncio.Semaphore(concurrency)
 
     async def create(name: str) -> None:
         async with limit:
             body = resource(name)
             body["metadata"]["namespace"] = namespace
+            t = time.monotonic()
             await kube.request("POST", path("QLoRAFinetune", namespace), body)
             created[name] = time.monotonic()
+            posts.append(created[name] - t)
 
     async def watch_jobs() -> None:
         while len(seen) < count:
@@ -85,7 +103,7 @@ async def run(cluster: LocalCluster, namespace: str, count: int, concurrency: in
     wall = time.monotonic() - t0
     await kube.close()
     latencies = [max(0.0, seen[n] - created[n]) for n in names]
-    return {"posted": posted, "wall": wall, "latencies": latencies}
+    return {"posted": posted, "wall": wall, "latencies": latencies, "posts": posts}
 
 
 def main() -> int:
@@ -116,10 +134,14 @@ def main() -> int:
               f"{args.concurrency} in {result['posted']:.2f}s; all Jobs seen after {result['wall']:.2f}s")
         print(f"creation -> Job created (s, poll {POLL}s): p50 {statistics.median(lat):.3f}  "
               f"p90 {percentile(lat, 90):.3f}  p99 {percentile(lat, 99):.3f}  max {max(lat):.3f}")
+        print(f"one API call for scale (POST round trip under this load): p50 {statistics.median(result['posts']):.3f}s; "
+              "the operator makes 4 in a row from a resource's watch event to its Job (GET the named objects "
+              "at once, POST ConfigMap, POST Job) plus kopf's bookkeeping")
         print(f"operator CPU: {busy:.1f}s over {result['wall']:.1f}s wall ({os.cpu_count()} CPUs on this machine, "
               f"load average {os.getloadavg()[0]:.1f})")
         print(f"operator memory: idle RSS {idle_rss / 2**20:.1f} MiB, peak RSS (VmHWM) "
               f"{op.peak_rss_bytes() / 2**20:.1f} MiB, now {op.rss_bytes() / 2**20:.1f} MiB")
+        print("the operator's own API calls (mean seconds, count):", api_call_means(op.metrics()))
         hist = [line for line in op.metrics().splitlines()
                 if line.startswith(("qlora_operator_job_created_seconds_count", "qlora_operator_finetunes{",
                                     "qlora_operator_reconcile_errors_total"))]

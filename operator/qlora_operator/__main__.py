@@ -11,6 +11,7 @@ import kopf
 
 from qlora_operator import builders, handlers
 from qlora_operator.kube import Kube
+from qlora_operator.metrics_feed import MetricsFeed
 from qlora_operator.opmetrics import OperatorMetrics
 from qlora_operator.reporter import Reporter
 from qlora_operator.settings import Settings, load_settings
@@ -34,23 +35,30 @@ async def run(settings: Settings, stop_flag: asyncio.Event | None = None,
     kube = await Kube.connect()
     reporter = Reporter(kube, settings)
     metrics = reporter.metrics = OperatorMetrics(reporter.phases)
+    kube.observe = metrics.observe_api_call
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     await prime(kube, reporter, settings)
     log.info("watching %s; trainer image %s; default base model %s",
              ", ".join(settings.watch_namespaces) or "all namespaces", settings.trainer_image,
              settings.default_base_model)
+    feed = MetricsFeed(settings)  # the trainers' metrics, merged into status by the reporter (issue 6)
+    feed.attach(reporter)
+    feed.start()
     memo = kopf.Memo(operator=handlers.Operator(settings=settings, kube=kube, reporter=reporter, metrics=metrics))
-    await kopf.operator(
-        registry=kopf.get_default_registry(),
-        clusterwide=settings.clusterwide,
-        namespaces=settings.watch_namespaces,
-        standalone=True,
-        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
-        memo=memo,
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-    )
+    try:
+        await kopf.operator(
+            registry=kopf.get_default_registry(),
+            clusterwide=settings.clusterwide,
+            namespaces=settings.watch_namespaces,
+            standalone=True,
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+            memo=memo,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        await feed.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,8 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every handler's success per object, aiohttp every probe: only their warnings, unless debugging.
-    for noisy in ("aiohttp.access", "kopf.objects"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if logging.getLogger().level > logging.DEBUG:
+        for noisy in ("aiohttp.access", "kopf.objects"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     asyncio.run(run(settings))
     return 0
 

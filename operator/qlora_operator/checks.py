@@ -6,35 +6,46 @@ A missing object is not terminal: the handler checks again with backoff, so crea
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import ValidationError
-
 from qlora_operator.api import QLoRAFinetuneSpec, Reason
 from qlora_operator.status import VALID, Check
+from qlora_operator.validation import validate_spec
 
 Getter = Callable[[str, str, str], Awaitable[dict[str, Any] | None]]  # (kind, namespace, name) -> object
 
 
 def parse_spec(raw: dict[str, Any]) -> tuple[QLoRAFinetuneSpec | None, Check]:
-    """The typed spec, or why it is invalid (terminal: only a spec change helps)."""
-    try:
-        spec = QLoRAFinetuneSpec.model_validate(raw)
-    except ValidationError as err:
-        problems = []
-        for e in err.errors()[:3]:
-            where = ".".join(str(part) for part in ("spec", *e["loc"]))
-            problems.append(f"{where}: {e['msg']}")
-        return None, Check(ok=False, reason=Reason.INVALID_SPEC.value, message="; ".join(problems), terminal=True)
-    return spec, VALID
+    """The typed spec, or why it is invalid (validation.py's checks; terminal: only a spec change helps)."""
+    problem = validate_spec(raw)
+    if problem is not None:
+        return None, Check(ok=False, reason=problem[0], message=problem[1], terminal=True)
+    return QLoRAFinetuneSpec.model_validate(raw), VALID
 
 
 async def check_references(spec: QLoRAFinetuneSpec, namespace: str, get: Getter) -> Check:
-    """Whether the objects the spec names exist; the first missing one, with what to do about it."""
-    token = spec.model.token_secret_ref
+    """Whether the objects the spec names exist; the first missing one, with what to do about it.
+
+    The objects are read all at once (one round trip of waiting, not one per object).
+    """
+    token, source = spec.model.token_secret_ref, spec.dataset.config_map
+    claims = {spec.output.pvc.claim_name: "spec.output.pvc"}
+    if spec.dataset.pvc is not None:
+        claims.setdefault(spec.dataset.pvc.claim_name, "spec.dataset.pvc")
+    if spec.model.pvc is not None:
+        claims.setdefault(spec.model.pvc.claim_name, "spec.model.pvc")
+    wanted = [("PersistentVolumeClaim", claim) for claim in claims]
     if token is not None:
-        secret = await get("Secret", namespace, token.name)
+        wanted.append(("Secret", token.name))
+    if source is not None:
+        wanted.append(("ConfigMap", source.name))
+    found = dict(zip(wanted, await asyncio.gather(*(get(kind, namespace, name) for kind, name in wanted))))
+
+    if token is not None:
+        secret = found[("Secret", token.name)]
         if secret is None:
             return Check(False, Reason.SECRET_NOT_FOUND.value,
                          f"Secret {token.name} (spec.model.tokenSecretRef) not found in namespace {namespace}; "
@@ -42,9 +53,8 @@ async def check_references(spec: QLoRAFinetuneSpec, namespace: str, get: Getter)
         if token.key not in (secret.get("data") or {}) and token.key not in (secret.get("stringData") or {}):
             return Check(False, Reason.SECRET_NOT_FOUND.value,
                          f"Secret {token.name} has no key {token.key} (spec.model.tokenSecretRef.key)")
-    source = spec.dataset.config_map
     if source is not None:
-        config_map = await get("ConfigMap", namespace, source.name)
+        config_map = found[("ConfigMap", source.name)]
         if config_map is None:
             return Check(False, Reason.INVALID_SPEC.value,
                          f"ConfigMap {source.name} (spec.dataset.configMap) not found in namespace {namespace}")
@@ -53,13 +63,8 @@ async def check_references(spec: QLoRAFinetuneSpec, namespace: str, get: Getter)
             return Check(False, Reason.INVALID_SPEC.value,
                          f"ConfigMap {source.name} has no key {source.key} (spec.dataset.configMap.key); "
                          f"it has: {', '.join(sorted(keys)) or 'no keys'}")
-    claims = [("spec.output.pvc", spec.output.pvc.claim_name)]
-    if spec.dataset.pvc is not None:
-        claims.append(("spec.dataset.pvc", spec.dataset.pvc.claim_name))
-    if spec.model.pvc is not None:
-        claims.append(("spec.model.pvc", spec.model.pvc.claim_name))
-    for field, claim in claims:
-        if await get("PersistentVolumeClaim", namespace, claim) is None:
+    for claim, field in claims.items():
+        if found[("PersistentVolumeClaim", claim)] is None:
             return Check(False, Reason.INVALID_SPEC.value,
                          f"PersistentVolumeClaim {claim} ({field}.claimName) not found in namespace {namespace}")
     return VALID

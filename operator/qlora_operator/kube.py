@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -80,6 +82,8 @@ class Kube:
 
     def __init__(self, api_client: kclient.ApiClient):
         self._api = api_client
+        # Called with (HTTP method, seconds, HTTP status or 0) after each call (the operator's metrics).
+        self.observe: Callable[[str, float, int], None] | None = None
 
     @classmethod
     async def connect(cls) -> Kube:
@@ -107,13 +111,19 @@ class Kube:
         params = await self._api.param_serialize(
             method=method, resource_path=resource_path, header_params=headers, body=body,
             query_params=list((query or {}).items()), auth_settings=["BearerToken"])
+        started, status = time.monotonic(), 0
         try:
             response = await self._api.call_api(*params, _request_timeout=REQUEST_TIMEOUT)
             data = await response.read()
+            status = response.status
         except ApiException as err:
+            status = err.status or 0
             raise _api_error(err.status or 0, err.reason or "", err.body) from None
         except (OSError, TimeoutError) as err:  # connection refused/reset, DNS, timeouts
             raise ApiError(0, type(err).__name__, str(err)) from None
+        finally:
+            if self.observe is not None:
+                self.observe(method, time.monotonic() - started, status)
         if not 200 <= response.status < 300:
             raise _api_error(response.status, response.reason or "", data)
         return json.loads(data) if data else None

@@ -45,7 +45,13 @@ class OperatorMetrics:
         self.running = Histogram("qlora_operator_running_seconds",
                                  "Seconds from a resource's creation to its trainer running",
                                  buckets=BUCKETS, registry=self.registry)
+        self.api_calls = Histogram("qlora_operator_api_request_seconds",
+                                   "Seconds per API call the operator makes itself (not kopf's watches)",
+                                   ["verb", "code"], buckets=BUCKETS, registry=self.registry)
         self.registry.register(_PhaseCollector(phases))
+
+    def observe_api_call(self, verb: str, seconds: float, code: int) -> None:
+        self.api_calls.labels(verb, str(code)).observe(seconds)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
