@@ -285,3 +285,24 @@ def test_deleting_the_resource_deletes_its_children(cluster, kubectl, operator, 
     def children():
         return (kubectl.json("get", "jobs,configmaps,pods", "-l", f"{LABEL}=gone")["items"])
     cluster.wait_until(lambda: children() == [], timeout=120, what="the garbage collector to delete the children")
+
+
+def test_operator_settings_give_the_defaults_and_the_namespaces(cluster, kubectl, crd, inputs, standin_image):
+    other = f"{kubectl.namespace}-other"
+    cluster.kubectl("create", "namespace", other)
+    try:
+        with start_operator(cluster, [kubectl.namespace], trainer_image=standin_image,
+                            default_base_model="org/house-model"):
+            # Applied first: by the time the watched one has succeeded, it would have been seen if watched.
+            cluster.kubectl("apply", "-f", "-", namespace=other, input=json.dumps(finetune("ignored", standin_image)))
+            body = finetune("defaults", standin_image)
+            del body["spec"]["runtime"]["image"]
+            apply(kubectl, body)
+            st = wait_for(cluster, kubectl, "defaults", "Succeeded")
+            assert st["model"]["name"] == "org/house-model"
+            (job,) = jobs(kubectl, "defaults")
+            assert job["spec"]["template"]["spec"]["containers"][0]["image"] == standin_image
+            assert cluster.kubectl_json("get", "qlorafinetune", "ignored", namespace=other).get("status") is None
+            assert cluster.kubectl_json("get", "jobs", namespace=other)["items"] == []
+    finally:
+        cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
