@@ -72,6 +72,12 @@ def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def camel_word(reason: str) -> str:
+    """`reason` as one CamelCase word, as conditions require (a kubelet's or a trainer's may not be)."""
+    word = "".join(part[:1].upper() + part[1:] for part in re.split(r"[^A-Za-z0-9]+", reason or "") if part)
+    return word if word[:1].isalpha() else f"Reason{word}" if word else "Unknown"
+
+
 def _conditions_by_type(status: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
     return {c.get("type"): c for c in (status or {}).get("conditions") or ()}
 
@@ -253,7 +259,7 @@ def condition(type_: str, status: str, reason: str, message: str, *, previous: M
     cond = {
         "type": type_,
         "status": status,
-        "reason": reason,
+        "reason": camel_word(reason),
         "message": message,
         "lastTransitionTime": previous["lastTransitionTime"] if same else rfc3339(now),
     }

@@ -306,3 +306,13 @@ def test_operator_settings_give_the_defaults_and_the_namespaces(cluster, kubectl
             assert cluster.kubectl_json("get", "jobs", namespace=other)["items"] == []
     finally:
         cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
+
+
+def test_a_spec_the_schema_lets_through_but_the_operator_cannot_run_fails(cluster, kubectl, operator, inputs,
+                                                                          standin_image):
+    apply(kubectl, finetune("overlap", standin_image, model={"pvc": {"claimName": "adapters", "path": "base"}},
+                            output={"pvc": {"claimName": "adapters", "path": "base/out"}}))
+    st = wait_for(cluster, kubectl, "overlap", "Failed", "InvalidSpec")
+    assert "spec.output.pvc" in st["message"]
+    assert condition(st, "SpecValid")["status"] == "False" and jobs(kubectl, "overlap") == []
+    assert [e["type"] for e in events(kubectl, "overlap") if e["reason"] == "InvalidSpec"] == ["Warning"]

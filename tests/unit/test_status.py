@@ -308,3 +308,10 @@ def test_attempts_count_pods_that_come_and_go():
     assert decide(job_=job(), pods=[second], previous=resumed, counted_pods={"pod-0", "pod-1"})["attempts"] == 2
     # Not known (operator just restarted): the pods seen now are taken as counted already.
     assert decide(job_=job(), pods=[second], previous=resumed, counted_pods=None)["attempts"] == 2
+
+
+@pytest.mark.parametrize("reason, word", [("OOMKilled", "OOMKilled"), ("node-shutdown", "NodeShutdown"),
+                                          ("", "Unknown"), ("137 killed", "Reason137Killed")])
+def test_condition_reasons_are_one_camel_case_word(reason, word):
+    from qlora_operator.status import camel_word
+    assert camel_word(reason) == word
