@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "hack" / "demo"
 GROUP, VERSION, PLURAL = "qlora.io", "v1alpha1", "qlorafinetunes"
 # A CPU run of the tiny model: loading takes seconds, each step about a second on a busy 2-core machine.
-RUN_TIMEOUT = 900
+RUN_TIMEOUT = 600
 # Metrics read every second and patched at most twice a second, so a short run shows many steps.
 FAST_METRICS = {"scrape_interval": 1, "status_min_interval": 0.5}
 
@@ -178,9 +178,10 @@ def trainer_pid(pod_ip: str) -> int | None:
     return None
 
 
-def kill_trainer(pod_ip: str) -> int:
-    """SIGKILL the trainer of one pod, as a crash or the OOM killer would; returns its pid."""
+def signal_trainer(pod_ip: str, signum: int) -> int:
+    """Send a signal to the trainer of one pod (SIGKILL: a crash or the OOM killer; SIGSTOP: a hang);
+    returns its pid."""
     pid = trainer_pid(pod_ip)
     assert pid is not None, f"no trainer process with POD_IP={pod_ip}"
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, signum)
     return pid

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 
 import pytest
@@ -20,8 +21,8 @@ from tests.e2e.conftest import (
     apply,
     condition,
     finetune,
-    kill_trainer,
     operator_process,
+    signal_trainer,
 )
 from tests.prometheus_server import KubernetesPodsSD, PrometheusServer, kubernetes_pods_job, prometheus_binary
 
@@ -113,22 +114,39 @@ def test_bad_data_fails_with_the_trainers_reason_and_the_line(cluster, namespace
     assert "DatasetInvalid" in events
 
 
-def test_a_killed_pod_is_retried_and_resumes_from_its_checkpoint(cluster, namespace, demo_inputs, crd):
-    resource = finetune("crash", maxSteps=30, checkpointEvery=5, evalEvery=15)
+def test_a_hung_then_killed_pod_goes_stale_then_resumes_from_its_checkpoint(cluster, namespace, demo_inputs, crd):
+    resource = finetune("crash", maxSteps=40, checkpointEvery=5, evalEvery=20)
     resource["spec"]["runtime"] = {"backoffLimit": 2}
     with operator_process(cluster, namespace), StatusRecorder(cluster, namespace, "crash") as rec:
         apply(cluster, namespace, resource)
-        # Mid-run, with a checkpoint behind it: a crash (SIGKILL) loses the steps since that checkpoint.
         before = rec.wait_for(lambda s: s.get("phase") == "Running" and (s.get("lastCheckpoint") or {}).get("step")
-                              and s.get("step", 0) < 25, RUN_TIMEOUT, "a checkpoint while running")
+                              and s.get("step", 0) < 30, RUN_TIMEOUT, "a checkpoint while running")
         pods = cluster.kubectl_json("get", "pods", "-l", "qlora.io/finetune=crash", namespace=namespace)["items"]
-        first = next(p for p in pods if p["status"].get("phase") == "Running")
-        kill_trainer(first["status"]["podIP"])
+        ip = next(p for p in pods if p["status"].get("phase") == "Running")["status"]["podIP"]
+
+        # The trainer hangs (SIGSTOP): its /metrics stops answering; the run stays Running, values are kept.
+        pid = signal_trainer(ip, signal.SIGSTOP)
+        try:
+            stale = rec.wait_for(lambda s: "Trainer metrics stale since" in (s.get("message") or ""), RUN_TIMEOUT,
+                                 "the status to say the metrics are stale", after=rec.last())
+        finally:
+            signal_trainer(ip, signal.SIGCONT)
+        fresh = rec.wait_for(lambda s: "stale" not in (s.get("message") or "") and s.get("step", 0) > stale["step"],
+                             RUN_TIMEOUT, "fresh values once the trainer answers again", after=stale)
+        hung = rec.all()
+        hung = hung[hung.index(stale):hung.index(fresh)]
+
+        # Then it crashes (SIGKILL): the Job retries, and the new pod resumes from the last checkpoint.
+        assert signal_trainer(ip, signal.SIGKILL) == pid
         retried = rec.wait_for(lambda s: s.get("attempts") == 2 and s.get("phase") == "Running"
                                and "resumed from the checkpoint of step" in (s.get("message") or ""),
-                               RUN_TIMEOUT, "the second attempt to resume")
+                               RUN_TIMEOUT, "the second attempt to resume", after=fresh)
         final = rec.wait_for(lambda s: s.get("phase") in ("Succeeded", "Failed"), RUN_TIMEOUT, "the end")
         samples = rec.all()
+
+    assert {s["phase"] for s in hung} == {"Running"}
+    assert {s["step"] for s in hung} == {stale["step"]}
+    assert re.search(r"stale since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(no answer within", stale["message"])
 
     assert final["phase"] == "Succeeded", json.dumps(final, indent=1)
     assert final["attempts"] == 2
