@@ -204,10 +204,11 @@ def test_restricted_security_context(docs_name, request):
 def test_liveness_probe_asks_the_operators_health_endpoint(docs_name, port, request):
     docs = request.getfixturevalue(docs_name)
     c = container(docs)
-    probe = c["livenessProbe"]["httpGet"]
-    assert probe["path"] == "/healthz"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports[probe["port"]] == port == int(env_of(docs)["QLORA_HEALTH_PORT"])
+    for kind in ("livenessProbe", "readinessProbe"):
+        probe = c[kind]["httpGet"]
+        assert probe["path"] == "/healthz"
+        assert ports[probe["port"]] == port == int(env_of(docs)["QLORA_HEALTH_PORT"])
 
 
 def test_resources_from_values(default_docs, custom_docs):
