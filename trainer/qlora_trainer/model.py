@@ -163,13 +163,25 @@ def load_base_model(cfg: TrainerConfig, quantized: bool = True):
     if quantized:
         kwargs["quantization_config"] = quantization_config(cfg.quantization)
     try:
-        return AutoModelForCausalLM.from_pretrained(cfg.model.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.name, **kwargs)
     except Exception as err:
         import torch
 
         if isinstance(err, torch.OutOfMemoryError):
             raise
         raise ModelLoadFailed(_load_message("model", cfg, err)) from None
+    if quantized and cfg.gpus == 0:
+        keep_cpu_weights_trainable(model)
+    return model
+
+
+def keep_cpu_weights_trainable(model) -> None:
+    """bitsandbytes (0.50) repacks 4-bit weights for CPU inference on the first forward in eval mode, and has
+    no backward through the repacked layout: after an evaluation, gradients would stop flowing through the
+    base layers. Keep the trainable layout (CPU only; costs inference speed on AVX512-BF16 CPUs)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _load_message(what: str, cfg: TrainerConfig, err: Exception) -> str:
@@ -191,10 +203,9 @@ def add_lora(model, cfg: TrainerConfig):
     for param in model.parameters():
         param.requires_grad_(False)
     if cfg.training.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input grads, but reentrant callers (remote code) do.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The Trainer turns checkpointing on (training_arguments); with every base weight frozen, reentrant
+        # checkpointing (remote code may use it) needs the inputs to require grads to reach the adapters.
         model.enable_input_require_grads()
-        model.config.use_cache = False
     model = get_peft_model(model, lora_config(cfg.lora, targets))
     return model
 
