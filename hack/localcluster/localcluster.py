@@ -590,6 +590,7 @@ def start_controller_manager(c: Cluster, b: Path, timeout: float) -> None:
         str(b / "kube-controller-manager"), f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
         f"--authorization-kubeconfig={kc}", "--bind-address=127.0.0.1", f"--secure-port={port}",
         "--leader-elect=false", "--use-service-account-credentials=true",
+        "--node-monitor-period=2s",  # lifts the new node's not-ready taint sooner
         f"--service-account-private-key-file={p}/sa.key", f"--root-ca-file={p}/ca.crt",
         f"--cluster-signing-cert-file={p}/ca.crt", f"--cluster-signing-key-file={p}/ca.key",
         f"--service-cluster-ip-range={SERVICE_CIDR}", "--cluster-name=localcluster",

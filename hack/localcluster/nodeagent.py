@@ -560,7 +560,7 @@ class ContainerRun:
     def status(self, uid: str) -> dict:
         running = "running" in self.state
         cid = f"localcluster://{uid[:8]}-{self.name}-{self.restarts}" if self.started else None
-        out = {"name": self.name, "image": self.spec["image"], "imageID": "", "ready": running and not self.init,
+        out = {"name": self.name, "image": self.spec["image"], "imageID": "", "ready": (running and not self.init) or self.done,
                "started": running, "restartCount": self.restarts, "state": self.state,
                "lastState": self.last_state}
         if cid:

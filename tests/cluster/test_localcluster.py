@@ -315,6 +315,13 @@ def test_termination_message_and_exit_code_are_reported(cluster, kubectl):
     assert term["exitCode"] == 1 and "CUDA out of memory" in term["message"]
 
 
+def test_a_command_that_does_not_exist_is_a_start_error(cluster, kubectl):
+    apply(kubectl, pod("nocmd", "", container={"command": ["no-such-program", "--help"]}))
+    term = container_state(wait_phase(cluster, kubectl, "nocmd", phases=("Failed",)))["terminated"]
+    assert (term["exitCode"], term["reason"]) == (128, "StartError")
+    assert "no-such-program" in term["message"]
+
+
 def test_active_deadline_fails_the_pod(cluster, kubectl):
     apply(kubectl, pod("slow", "import time; time.sleep(600)", activeDeadlineSeconds=3))
     p = wait_phase(cluster, kubectl, "slow", phases=("Failed",), timeout=60)
