@@ -471,7 +471,7 @@ def test_rbac_is_minimal_every_rule_is_used_and_nothing_is_refused(release, clus
     apply(cluster, ns, finetune("rbac-suspend", env={"STANDIN_SLEEP": 600}))
     # A finished run whose Job the TTL controller removes: the operator looks the Job up before concluding
     # it is gone for good (and never runs it twice).
-    apply(cluster, ns, finetune("rbac-ttl", env={"STANDIN_SLEEP": 1}, runtime={"ttlSecondsAfterFinished": 0}))
+    apply(cluster, ns, finetune("rbac-ttl", env={"STANDIN_SLEEP": 1}, runtime={"ttlSecondsAfterFinished": 5}))
 
     token = cluster.kubectl("create", "token", release.fullname, "--duration=1h",
                             namespace=release.namespace).stdout.strip()
