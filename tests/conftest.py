@@ -134,7 +134,8 @@ def cluster(tmp_path_factory) -> LocalCluster:
         yield LocalCluster(d, d / "kubeconfig", d / "bin")
         return
     d = tmp_path_factory.mktemp("localcluster")
-    localcluster("up", "--dir", str(d))
+    # --owner-pid: should this session be killed before its teardown, the cluster goes down by itself
+    localcluster("up", "--dir", str(d), "--owner-pid", str(os.getpid()))
     try:
         yield LocalCluster(d, d / "kubeconfig", d / "bin")
     finally:

@@ -481,7 +481,8 @@ def check_agent_python() -> None:
                            "`pip install kubernetes pyyaml`")
 
 
-def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, timeout: float) -> Cluster:
+def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, timeout: float,
+       owner_pid: int | None = None) -> Cluster:
     d.mkdir(parents=True, exist_ok=True)
     if any(d.iterdir()) and not (d / MARKER).exists():
         raise ClusterError(f"{d} is not empty and was not made by localcluster; remove it or pick another --dir")
@@ -524,7 +525,7 @@ def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, ti
             start_with_port_retry(c, "kube-scheduler", ["scheduler"], lambda: start_scheduler(c, b, timeout))
             (d / "images.yaml").write_text(default_images(sys.executable))
             start_with_port_retry(c, "nodeagent", ["kubelet"],
-                                  lambda: start_nodeagent(c, gpus, cpu, memory, timeout))
+                                  lambda: start_nodeagent(c, gpus, cpu, memory, timeout, owner_pid))
         except ClusterError:
             teardown(c, remove=False)  # no half-started daemons left behind; logs stay for a look
             raise
@@ -613,14 +614,15 @@ def start_scheduler(c: Cluster, b: Path, timeout: float) -> None:
         c.get(f"https://127.0.0.1:{port}/readyz")), timeout, "ready")
 
 
-def start_nodeagent(c: Cluster, gpus: int, cpu: str, memory: str, timeout: float) -> None:
+def start_nodeagent(c: Cluster, gpus: int, cpu: str, memory: str, timeout: float, owner_pid: int | None) -> None:
+    owner = ["--owner-pid", str(owner_pid), "--cluster-dir", str(c.dir)] if owner_pid else []
     c.start("nodeagent", [
         sys.executable, str(HERE / "nodeagent.py"), "--kubeconfig", str(c.kubeconfig), "--node-name", NODE_NAME,
         "--state-dir", str(c.dir / "node"), "--images", str(c.dir / "images.yaml"),
         "--kubelet-port", str(c.ports["kubelet"]), "--pod-ip-prefix", c.pod_ip_prefix,
         "--tls-cert", str(c.pki / "node.crt"), "--tls-key", str(c.pki / "node.key"),
         "--client-ca", str(c.pki / "ca.crt"), "--cpu", cpu, "--memory", memory, "--gpus", str(gpus),
-        "--api-port", str(c.ports["apiserver"]), "--storage-class", STORAGE_CLASS,
+        "--api-port", str(c.ports["apiserver"]), "--storage-class", STORAGE_CLASS, *owner,
     ])
     c.wait_for("nodeagent", c.node_ready, timeout, "Ready")
 
@@ -688,6 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", default=os.environ.get("LOCALCLUSTER_MEMORY", "32Gi"))
     ap.add_argument("--apiserver-port", type=int, default=None, help="preferred port; a busy one is replaced")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds each component may take to be ready")
+    ap.add_argument("--owner-pid", type=int, default=None,
+                    help="take the cluster down when this process ends (test sessions that may be killed)")
     args = ap.parse_args(argv)
     d = Path(args.dir).absolute()
     try:
@@ -695,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             bin_dir, compiled = build()
             print(f"{'compiled ' + ', '.join(compiled) if compiled else 'cached, built nothing'}: {bin_dir}")
         elif args.command == "up":
-            up(d, args.gpus, args.cpu, args.memory, args.apiserver_port, args.timeout)
+            up(d, args.gpus, args.cpu, args.memory, args.apiserver_port, args.timeout, args.owner_pid)
             print(f"export KUBECONFIG={d / 'kubeconfig'} PATH={d / 'bin'}:$PATH")
         elif args.command == "down":
             down(d)

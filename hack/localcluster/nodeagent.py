@@ -50,6 +50,14 @@ FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def resource_version(obj: dict) -> int:
     """etcd's revision behind an object's resourceVersion, to order what a list and a watch said."""
     try:
@@ -706,6 +714,12 @@ class Agent:
         n = 0
         while not self.stopping.wait(5 if n == 0 else 10):
             n += 1
+            if self.args.owner_pid and not process_alive(self.args.owner_pid):
+                self.log(f"owner process {self.args.owner_pid} ended; taking the cluster down")
+                subprocess.Popen([sys.executable, str(HERE / "localcluster.py"), "down", "--dir", self.args.cluster_dir],
+                                 start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+                return
             try:
                 self.renew_lease()
                 if n % 3 == 0:
@@ -1333,6 +1347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--label", action="append", help="extra node label k=v (repeatable)")
     ap.add_argument("--storage-class", default="local-path")
+    ap.add_argument("--owner-pid", type=int, default=None, help="when this process ends, run `localcluster.py down`")
+    ap.add_argument("--cluster-dir", default=None)
     args = ap.parse_args(argv)
 
     agent = Agent(args)
