@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     from .metrics import TrainerMetrics
     from .training import StopOnSignal, Terminated, train
 
+    if not sys.stderr.isatty():  # progress bars only on a terminal; a pod's log gets the progress lines
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     metrics = TrainerMetrics()
     stop = StopOnSignal()
     stop.install()

@@ -224,6 +224,8 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
         "data: %d records (%s), %d train / %d eval examples, %d truncated at %d tokens, %d skipped without answer",
         s.records, s.format, s.train_examples, s.eval_examples, s.truncated, cfg.training.max_length, s.skipped_no_answer,
     )
+    if cfg.training.batch_size == "auto":
+        log.info("batchSize auto: using %d per device (sizing from GPU memory is not implemented yet)", micro_batch_size(cfg))
     packing = cfg.training.packing and supports_packing(model)
     if cfg.training.packing and not packing:
         log.warning("packing is off: this model's attention (remote code?) cannot read packed rows; padding instead")

@@ -117,16 +117,19 @@ def model_config(model_dir, **sections) -> TrainerConfig:
 
 
 @pytest.mark.parametrize(
-    "quantization", [{}, {"type": "fp4", "doubleQuant": False}], ids=["nf4-double-quant", "fp4"]
+    "quantization", [{}, {"type": "fp4", "doubleQuant": False}, {"bits": 8}], ids=["nf4-double-quant", "fp4", "8-bit"]
 )
-def test_load_model_quantizes_in_4_bits_and_adds_lora_on_attention(tiny_model_dir, quantization):
+def test_load_model_quantizes_and_adds_lora_on_attention(tiny_model_dir, quantization):
     import bitsandbytes as bnb
 
     model, tokenizer = load_model(model_config(tiny_model_dir, quantization=quantization))
     base = model.get_base_model()
     q_proj = base.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
-    assert q_proj.base_layer.weight.quant_type == quantization.get("type", "nf4")
+    if quantization.get("bits") == 8:
+        assert isinstance(q_proj.base_layer, bnb.nn.Linear8bitLt)
+    else:
+        assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+        assert q_proj.base_layer.weight.quant_type == quantization.get("type", "nf4")
     assert sorted(model.peft_config["default"].target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

@@ -226,3 +226,24 @@ def test_metrics_scraped_during_training_move_as_they_should(trained):
     assert series(Metric.EVAL_LOSS)[-1] == pytest.approx(trained["summary"]["evalLoss"])
     assert 0 < series(Metric.START_TIME_SECONDS)[-1] <= time.time()
     assert series(Metric.GPU_MEMORY_PEAK_BYTES)[-1] == 0  # on the CPU
+
+
+def test_merge_adapter_writes_a_full_model_that_answers_like_the_adapter(trained, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_trainer.output import merge_adapter
+
+    cfg = trained["cfg"].model_copy(update={"output": trained["cfg"].output.model_copy(update={"dir": str(tmp_path)})})
+    for item in trained["out"].iterdir():  # the adapter, where a mergeAdapter run would have it
+        if item.is_file():
+            (tmp_path / item.name).write_bytes(item.read_bytes())
+    merged_dir = merge_adapter(cfg, tmp_path)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.name, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, trained["out"])
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
