@@ -34,6 +34,7 @@ from qlora_operator.trainer_metrics import (
     metrics_status,
     observe,
     read_termination_summary,
+    redact_url,
     running_reason,
     should_patch,
     stale_note,
@@ -156,7 +157,8 @@ class MetricsFeed:
         await self.reader.close()
 
     async def run(self) -> None:
-        mode = f"Prometheus at {self.reader.prometheus_url}" if self.reader.prometheus_url else "the trainer pods"
+        url = self.reader.prometheus_url
+        mode = f"Prometheus at {redact_url(url)}" if url else "the trainer pods"
         log.info("reading trainer metrics from %s every %gs", mode, self.settings.scrape_interval)
         while True:
             try:

@@ -2,8 +2,9 @@
 
 One concern: reading (straight from the pod's `/metrics`, or through a Prometheus server's query API) and
 mapping (pure functions from what was read to status fields). Names come from `qlora_trainer.contract`, the
-one place that names the metrics. The operator's handlers own when to read and how to patch; the decisions
-they need (what the status says, whether values are stale, whether a patch is due) are pure and live here.
+one place that names the metrics. When to read and how the fields join the status is metrics_feed.py's; the
+decisions it needs (what the status says, whether values are stale, whether a patch is due) are pure and
+live here.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 from qlora_trainer.contract import METRIC_PREFIX, METRICS_PATH, METRICS_PORT, Metric, Phase
 
 DEFAULT_TIMEOUT = 3.0
 DEFAULT_CONCURRENCY = 16
+# The trainer's exposition is a few KiB; anything far larger is not the trainer.
+MAX_RESPONSE_BYTES = 1 << 20
 # Labels a PodMonitor (prometheus-operator) and the usual kubernetes_sd relabelling give every series.
 NAMESPACE_LABEL = "namespace"
 POD_LABEL = "pod"
@@ -179,6 +183,14 @@ def metrics_url(pod_ip: str, port: int = METRICS_PORT) -> str:
     return f"http://{host}:{port}{METRICS_PATH}"
 
 
+def redact_url(url: str) -> str:
+    """`url` without credentials (`http://user:secret@prom:9090` -> `http://***@prom:9090`), for logs."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 def _one_line(err: object, limit: int = 160) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -235,13 +247,13 @@ class MetricsReader:
         async with self._http().get(url) as resp:
             if resp.status != 200:
                 raise MetricsUnreadable(f"{url} answered HTTP {resp.status}")
-            text = await resp.text(errors="replace")
+            text = await _bounded_text(resp)
         return parse_exposition(text)
 
     async def _query(self, namespace: str, pod: str) -> TrainerSample:
         query = promql_selector(namespace, pod, self.namespace_label, self.pod_label)
         async with self._http().get(f"{self.prometheus_url}/api/v1/query", params={"query": query}) as resp:
-            body = await resp.text(errors="replace")
+            body = await _bounded_text(resp)
             if resp.status != 200 and not body.lstrip().startswith("{"):
                 raise MetricsUnreadable(f"Prometheus answered HTTP {resp.status}")
         try:
@@ -249,6 +261,15 @@ class MetricsReader:
         except ValueError as err:
             raise MetricsUnreadable(f"Prometheus answered no JSON: {_one_line(err)}") from err
         return parse_query_response(document)
+
+
+async def _bounded_text(resp) -> str:
+    data = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        data += chunk
+        if len(data) > MAX_RESPONSE_BYTES:
+            raise MetricsUnreadable(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
+    return data.decode("utf-8", errors="replace")
 
 
 # ------------------------------------------------------------------------------------------- mapping

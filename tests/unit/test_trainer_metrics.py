@@ -146,6 +146,15 @@ def test_selector_matches_podmonitor_labels_and_escapes():
         '{__name__=~"qlora_trainer_.*", kubernetes_namespace="a\\"b", kubernetes_pod_name="p"}')
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("http://prom:9090", "http://prom:9090"),
+    ("https://user:s3cret@prom.example:443/base", "https://***@prom.example:443/base"),
+    ("http://token@prom:9090/", "http://***@prom:9090/"),
+])
+def test_redact_url(url, shown):
+    assert tm.redact_url(url) == shown
+
+
 def test_metrics_url():
     assert tm.metrics_url("127.3.0.5") == "http://127.3.0.5:9090/metrics"
     assert tm.metrics_url("fd00::5", 9100) == "http://[fd00::5]:9100/metrics"
@@ -439,6 +448,7 @@ def test_reader_queries_prometheus(server):
 @pytest.mark.parametrize("answer, match", [
     ((500, "oops"), "HTTP 500"),
     ((200, "qlora_trainer_step x"), "garbled"),
+    ((200, "qlora_trainer_step 1\n" + "# padding\n" * (tm.MAX_RESPONSE_BYTES // 10)), "larger than"),
 ])
 def test_reader_errors_are_short_lines(server, answer, match):
     s = server(answer)
