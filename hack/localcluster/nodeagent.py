@@ -50,14 +50,6 @@ FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def resource_version(obj: dict) -> int:
     """etcd's revision behind an object's resourceVersion, to order what a list and a watch said."""
     try:
@@ -711,10 +703,11 @@ class Agent:
         self.ensure_storage_class()
 
     def heartbeat_loop(self) -> None:
+        from localcluster import alive  # a sibling module: this file runs as a script from its folder
         n = 0
         while not self.stopping.wait(5 if n == 0 else 10):
             n += 1
-            if self.args.owner_pid and not process_alive(self.args.owner_pid):
+            if self.args.owner_pid and not alive(self.args.owner_pid):
                 self.log(f"owner process {self.args.owner_pid} ended; taking the cluster down")
                 subprocess.Popen([sys.executable, str(HERE / "localcluster.py"), "down", "--dir", self.args.cluster_dir],
                                  start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
