@@ -44,7 +44,6 @@ from qlora_operator.trainer_metrics import (
 log = logging.getLogger(__name__)
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 
 
 # ------------------------------------------------------------------------------- reading the pods
@@ -96,7 +95,7 @@ def merge_metrics(desired: dict[str, Any], previous: Mapping[str, Any], track: M
     metric fields changed (the caller records the time, for the rate limit).
 
     Values: the previous status's, then the last good reading over them, then the termination summary's
-    final values over those. Only a run that ended skips the rate limit.
+    final values over those; no ETA unless running. Only a running trainer's readings are rate limited.
     """
     old = metric_fields(previous)
     new = dict(old)
@@ -104,9 +103,13 @@ def merge_metrics(desired: dict[str, Any], previous: Mapping[str, Any], track: M
         new.update(metrics_status(track, now, output))
     if summary is not None:
         new.update(final_fields(summary, output))
+    running = desired.get("phase") == Phase.RUNNING.value
+    if not running:
+        # Nothing is training (suspended, between attempts, ended): there is no time left to estimate.
+        new.update(eta=None, estimatedCompletionTime=None)
     new = {k: v for k, v in new.items() if v is not None}
-    ended = desired.get("phase") in TERMINAL
-    if new != old and not ended and not should_patch(old, new, last_patch, now, min_interval):
+    # Only the stream of readings of a running trainer is rate limited; the rest are rare transitions.
+    if new != old and running and not should_patch(old, new, last_patch, now, min_interval):
         new = old
     out = {**desired, **new}
 

@@ -144,6 +144,15 @@ def test_rate_limit_holds_back_a_change_until_the_interval_passed():
     assert changed and out["step"] == 6
 
 
+@pytest.mark.parametrize("phase", ["Suspended", "Pending"])
+def test_no_eta_unless_running(phase):
+    previous = {"step": 15, "totalSteps": 20, "eta": "5s", "estimatedCompletionTime": "2026-11-27T22:00:05Z"}
+    summary = {"status": "Terminated", "reason": None, "step": 16, "totalSteps": 20}
+    out, changed = merge({"phase": phase, "message": "m"}, previous=previous, summary=summary, last_patch=NOW)
+    assert changed and out["step"] == 16
+    assert "eta" not in out and "estimatedCompletionTime" not in out
+
+
 def test_final_values_come_from_the_summary_even_when_reads_missed_them():
     previous = {"step": 15, "totalSteps": 20, "progress": "75%", "loss": 2.0, "eta": "5s",
                 "estimatedCompletionTime": "2026-11-27T22:00:05Z"}
