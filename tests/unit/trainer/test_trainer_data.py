@@ -262,3 +262,9 @@ def test_packed_batch_has_the_same_loss_as_the_padded_batch(tiny_model_dir, toke
     with torch.no_grad():
         total = sum(model(**p, use_cache=False, num_items_in_batch=answer_tokens).loss for p in parts)
     assert torch.allclose(total, padded_loss, atol=1e-4)
+
+
+def test_hub_dataset_that_cannot_load_offline_says_so(tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DatasetInvalid, match=r"hub dataset nobody/no-such-set \(split train\).*HF_HUB_OFFLINE"):
+        prepare_data(DatasetConfig(hf={"name": "nobody/no-such-set"}), tokenizer, 128, seed=1)
