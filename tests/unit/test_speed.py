@@ -1,0 +1,210 @@
+"""The pure parts of the trainer's GPU fast path (qlora_trainer.speed): FLOPs and MFU arithmetic, the
+`batchSize: auto` planner, and the clean CPU fallbacks of everything CUDA-only. Timings live in bench/."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from qlora_trainer import speed
+
+GIB = speed.GIB
+EXAONE = speed.ModelShape(
+    hidden_size=2560, num_layers=30, num_heads=32, num_kv_heads=8, head_dim=80, intermediate_size=7168, vocab_size=102400
+)
+
+
+def plan(budget_gib: float, **kw) -> speed.BatchPlan:
+    args = dict(
+        optimizer_batch=16,
+        max_length=1024,
+        mean_length=350.0,
+        budget_bytes=int(budget_gib * GIB),
+        model_bytes=int(1.55 * GIB),
+        shape=EXAONE,
+        fused_loss=True,
+    )
+    args.update(kw)
+    return speed.plan_batch(**args)
+
+
+# --- shape, FLOPs, MFU -------------------------------------------------------------------------------------------
+
+
+def test_shape_from_a_llama_style_config():
+    config = SimpleNamespace(
+        hidden_size=2560, num_hidden_layers=30, num_attention_heads=32, num_key_value_heads=8, head_dim=80,
+        intermediate_size=7168, vocab_size=102400,
+    )
+    assert speed.ModelShape.from_config(config) == EXAONE
+
+
+def test_shape_head_dim_and_kv_heads_default_from_hidden_size():
+    config = SimpleNamespace(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100)
+    shape = speed.ModelShape.from_config(config)
+    assert (shape.head_dim, shape.num_kv_heads) == (16, 4)
+
+
+def test_exaone_parameter_counts():
+    # Per block: q and o 2560x2560, k and v 2560x640, three MLP matrices 2560x7168; plus the tied output head.
+    per_block = 2 * 2560 * 2560 + 2 * 2560 * 640 + 3 * 2560 * 7168
+    assert EXAONE.matmul_params == 30 * per_block + 102400 * 2560
+    # r=16 on q, k, v, o: r * (in + out) each; the count peft reported on the GPU run.
+    assert EXAONE.lora_params(16) == 7_987_200
+    assert EXAONE.lora_params(16, "all-linear") > EXAONE.lora_params(16)
+
+
+def test_flops_per_token_adds_frozen_lora_and_attention_terms():
+    lengths = [100, 300]
+    context = (100**2 + 300**2) / 400
+    expected = 4 * EXAONE.matmul_params + 6 * 1000 + 6 * 30 * 32 * 80 * context
+    assert speed.flops_per_token(EXAONE, 1000, lengths) == pytest.approx(expected)
+    assert speed.attention_context([]) == 0.0
+
+
+def test_mfu_is_model_flops_over_peak():
+    assert speed.mfu(1000.0, 1e9, peak_flops=1e13) == pytest.approx(0.1)
+    assert speed.mfu(30_000, speed.flops_per_token(EXAONE, EXAONE.lora_params(16), [300] * 10)) == pytest.approx(
+        30_000 * (4 * EXAONE.matmul_params + 6 * EXAONE.lora_params(16) + 6 * 30 * 2560 * 300) / 989e12
+    )
+
+
+# --- batchSize: auto ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [3, 5, 8, 12, 16, 24, 40, 80, 140])
+def test_plan_fits_its_budget_and_keeps_the_optimizer_batch(budget):
+    p = plan(budget, dense_weight_bytes=int(4.28e9))
+    assert p.estimated_peak_bytes <= budget * GIB
+    assert p.optimizer_batch == 16
+    assert p.token_budget >= 1024 and p.token_budget % 1024 == 0
+    assert 0 <= p.checkpointed_layers <= 30
+    assert p.describe().startswith("optimizer batch 16 packed")
+
+
+def test_a_large_card_recomputes_nothing_and_a_small_one_checkpoints():
+    big, small = plan(80), plan(5)
+    assert not big.gradient_checkpointing
+    assert small.gradient_checkpointing
+    assert small.token_budget < big.token_budget
+
+
+def test_more_memory_never_means_more_recomputation():
+    counts = [plan(g).checkpointed_layers for g in (4, 6, 8, 12, 16, 24, 32, 48, 80)]
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_weight_cache_only_where_room_is_left():
+    assert plan(80, dense_weight_bytes=int(4.28e9)).dense_weights
+    assert not plan(5, dense_weight_bytes=int(4.28e9)).dense_weights
+    assert not plan(80, dense_weight_bytes=0).dense_weights
+
+
+def test_nothing_fits_gives_the_smallest_plan_and_says_so():
+    p = plan(1.0)
+    assert p.token_budget == 1024 and p.checkpointed_layers == 30
+    assert "nothing fits" in p.reason
+
+
+def test_padded_plans_use_divisors_of_the_optimizer_batch():
+    p = plan(24, packed=False)
+    assert 16 % p.micro_batch == 0
+    assert p.micro_batch * p.accumulation_steps == 16
+    assert p.describe().startswith(f"micro-batch {p.micro_batch} x accumulation")
+
+
+def test_unfused_loss_needs_more_memory_per_token():
+    fused = speed.MemoryModel().per_token(EXAONE, 0.0, fused_loss=True)
+    unfused = speed.MemoryModel().per_token(EXAONE, 0.0, fused_loss=False)
+    assert unfused > fused + 1e6  # the fp32 logits of a 102k vocabulary
+    assert plan(24, fused_loss=False).token_budget <= plan(24).token_budget
+
+
+def test_bad_plan_arguments_are_refused():
+    with pytest.raises(ValueError):
+        plan(24, optimizer_batch=0)
+
+
+def test_training_arguments_leave_checkpointing_to_the_plan():
+    overrides = speed.training_arguments_overrides(plan(5))
+    assert overrides["gradient_checkpointing"] is False
+    assert overrides["per_device_train_batch_size"] == 16
+
+
+def test_compile_pays_only_for_long_runs():
+    assert not speed.compile_pays(119)
+    assert speed.compile_pays(5000)
+
+
+# --- CPU fallbacks -----------------------------------------------------------------------------------------------
+
+
+def tiny_llama(attention: str = "sdpa"):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=64, max_position_embeddings=128,
+    )
+    config._attn_implementation = attention
+    return LlamaForCausalLM(config)
+
+
+def test_cpu_gets_sdpa_and_no_kernels():
+    model = tiny_llama()
+    assert speed.choose_attention("cpu") == "sdpa"
+    assert speed.apply_kernels(model) == []
+    assert speed.dense_weight_bytes(model) == 0
+    assert speed.cache_dequantized_weights(model) == 0
+    assert speed.compile_layers(model) == 0
+
+
+def test_lean_preparation_freezes_without_upcasting_and_checkpoints_the_first_blocks():
+    import torch
+
+    model = tiny_llama().to(torch.bfloat16)
+    speed.prepare_for_kbit_training_lean(model, checkpointed_layers=1)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert [layer.gradient_checkpointing for layer in speed.decoder_layers(model)] == [True, False]
+    off = speed.prepare_for_kbit_training_lean(tiny_llama(), checkpointed_layers=0)
+    assert not any(layer.gradient_checkpointing for layer in speed.decoder_layers(off))
+
+
+def test_packed_boundaries_from_restarting_positions():
+    import torch
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    cu, longest = speed.packed_boundaries(positions)
+    assert cu.tolist() == [0, 3, 5, 6] and longest == 3
+    assert speed.packed_boundaries(positions)[0] is cu  # once per forward: the same tensor hits the cache
+
+
+def test_boundaries_hook_is_installed_once_on_the_decoder_stack():
+    model = tiny_llama()
+    assert speed.install_packed_boundaries(model) == 1
+    assert speed.install_packed_boundaries(model) == 0
+
+
+def test_varlen_attention_on_the_cpu_is_sdpa_with_the_padding_mask():
+    import torch
+
+    speed.register_varlen_attention()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=1, training=False)
+    out, _ = speed.varlen_attention_forward(module, q, k, v, mask, scaling=8**-0.5)
+    for row, n in enumerate((5, 3)):
+        ref = torch.nn.functional.scaled_dot_product_attention(q[row : row + 1, :, :n], k[row : row + 1, :, :n], v[row : row + 1, :, :n], is_causal=True)
+        assert torch.allclose(out[row, :n], ref[0].transpose(0, 1), atol=1e-5)
+
+
+def test_allocator_env_keeps_a_users_choice():
+    env: dict[str, str] = {}
+    assert speed.allocator_env(env)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    assert speed.allocator_env(env)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

@@ -1,0 +1,784 @@
+"""The trainer's GPU fast path: attention, fused kernels, memory-lean k-bit preparation, batch planning, MFU.
+
+Every function here is safe to call on a CPU-only machine: where a CUDA-only piece (Flash varlen attention,
+Liger's Triton kernels) is missing, it returns the portable choice and says so, so the CPU tests run the same
+trainer as a GPU pod. What each choice buys was measured on an H100 (bench/trainer_speed.py, bench/RESULTS.md).
+
+The pieces, in the order a trainer uses them:
+
+- `allocator_env()`          set before CUDA starts: expandable segments (varying packed lengths fragment less)
+- `choose_attention(device)` "varlen" (Flash attention over packed rows, no mask) on CUDA, else "sdpa"
+- `apply_kernels(model)`     Liger RMSNorm/SwiGLU/RoPE + fused linear cross-entropy; before peft wraps it
+- `prepare_for_kbit_training_lean(model, ...)`  peft's preparation without the fp32 copies of frozen weights
+- `plan_batch(...)`          micro-batch, accumulation and checkpointing from free GPU memory (`batchSize: auto`)
+- `flops_per_token(...)`, `mfu(...)`  model FLOPs utilisation as the benchmark reports it
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+# bf16 dense matrix peak of an H100 SXM, the denominator of model FLOPs utilisation.
+H100_BF16_PEAK_FLOPS = 989e12
+GIB = 1024**3
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+VARLEN = "varlen"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model shape and FLOPs
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOPs and memory arithmetic needs to know about a decoder-only transformer."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """From a transformers config (Llama/Mistral/Qwen naming, with EXAONE's names as fallbacks)."""
+
+        def pick(*names: str) -> Any:
+            for name in names:
+                value = getattr(config, name, None)
+                if value is not None:
+                    return value
+            raise ValueError(f"config has none of {names}")
+
+        hidden = pick("hidden_size", "n_embd")
+        heads = pick("num_attention_heads", "n_head")
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        return cls(
+            hidden_size=hidden,
+            num_layers=pick("num_hidden_layers", "num_layers", "n_layer"),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=pick("intermediate_size", "n_inner"),
+            vocab_size=pick("vocab_size"),
+        )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one block, by its Llama name."""
+        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def matmul_params(self) -> int:
+        """Weights used in matrix products per token: every block's linear layers plus the output head."""
+        per_layer = sum(a * b for a, b in self.linear_shapes().values())
+        return self.num_layers * per_layer + self.vocab_size * self.hidden_size
+
+    def lora_params(self, r: int, targets: Iterable[str] | str = ATTENTION_PROJECTIONS) -> int:
+        """Trainable LoRA weights for rank r on the named projections (`all-linear`: all seven)."""
+        shapes = self.linear_shapes()
+        names = list(shapes) if targets == "all-linear" else [t for t in targets if t in shapes]
+        return self.num_layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
+
+
+def attention_context(lengths: Sequence[int]) -> float:
+    """sum(L^2) / sum(L): the mean causal context a token attends over, times two."""
+    total = sum(lengths)
+    return sum(n * n for n in lengths) / total if total else 0.0
+
+
+def flops_per_token(shape: ModelShape, lora_params: int, lengths: Sequence[int]) -> float:
+    """Model FLOPs per useful token of one training step.
+
+    Frozen matmuls cost 4 FLOPs per weight (forward, and the gradient of the input; no weight gradient),
+    LoRA weights 6 (forward, input and weight gradients), and causal attention 6 * heads * head_dim * L per
+    token per layer for a sequence of length L (QK^T and AV over half the L x L square, forward plus a backward
+    twice as costly). Recomputation (checkpointing, Flash's backward) is not counted: it is overhead.
+    """
+    attn = 6 * shape.num_layers * shape.num_heads * shape.head_dim * attention_context(lengths)
+    return 4 * shape.matmul_params + 6 * lora_params + attn
+
+
+def mfu(tokens_per_second: float, flops_per_useful_token: float, peak_flops: float = H100_BF16_PEAK_FLOPS) -> float:
+    """Model FLOPs utilisation, 0..1."""
+    return tokens_per_second * flops_per_useful_token / peak_flops
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Environment
+
+
+def allocator_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set PyTorch's CUDA allocator to expandable segments unless the user chose otherwise.
+
+    Packed micro-batches change length every step; with fixed segments the cache fragments and the reserved
+    peak grows well past the allocated one. Must run before CUDA is initialised.
+    """
+    env = os.environ if env is None else env
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    return env
+
+
+def _cuda_device(device: Any) -> bool:
+    return str(device).startswith("cuda")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def choose_attention(device: Any) -> str:
+    """The attention implementation for training on `device`.
+
+    On a CUDA GPU of compute capability 8.0 or later with PyTorch's varlen Flash attention: "varlen", which
+    runs each packed example as its own causal sequence with no mask at all (cost grows with each example's
+    square, not the packed row's). Otherwise "sdpa": transformers builds a block-causal mask from the
+    restarting position ids, which is right but quadratic in the row.
+    """
+    if not _cuda_device(device):
+        return "sdpa"
+    import torch
+
+    if not torch.cuda.is_available() or _varlen_fn() is None:
+        return "sdpa"
+    index = torch.device(device).index or 0
+    if torch.cuda.get_device_capability(index) < (8, 0):
+        return "sdpa"
+    register_varlen_attention()
+    return VARLEN
+
+
+_REGISTERED = False
+
+
+def register_varlen_attention() -> None:
+    """Register "varlen" with transformers' attention and mask interfaces (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    # The flash mask keeps only a 2D padding mask (or None): no dense 4D mask is ever built.
+    AttentionMaskInterface.register(VARLEN, flash_attention_mask)
+    _REGISTERED = True
+    import torch
+
+    if torch.cuda.is_available() and _varlen_fn() is not None:
+        _varlen_call()
+
+
+_VARLEN_CALL: tuple[Any, dict[str, Any], bool, bool] | None = None
+
+
+def _varlen_call() -> tuple[Any, dict[str, Any], bool, bool]:
+    """(varlen_attn, its causal keyword arguments, whether it takes fewer key/value heads natively, whether it
+    takes a softmax scale).
+
+    Worked out once, outside any traced code: PyTorch 2.10/2.11 spell causal `is_causal=True`, later versions
+    `window_size=(-1, 0)` and add `enable_gqa`."""
+    global _VARLEN_CALL
+    if _VARLEN_CALL is None:
+        fn = _varlen_fn()
+        params = inspect.signature(fn).parameters
+        kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        _VARLEN_CALL = (fn, kwargs, "enable_gqa" in params or _gqa_probe(fn, kwargs), "scale" in params)
+    return _VARLEN_CALL
+
+
+def _gqa_probe(fn: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether this PyTorch's varlen op already accepts fewer key/value heads than query heads."""
+    import torch
+
+    try:
+        q = torch.randn(8, 4, 64, device="cuda", dtype=torch.bfloat16)
+        kv = torch.randn(8, 2, 64, device="cuda", dtype=torch.bfloat16)
+        cu = torch.tensor([0, 8], device="cuda", dtype=torch.int32)
+        out = fn(q, kv, kv, cu, cu, 8, 8, **kwargs)
+        full = kv.repeat_interleave(2, 1).transpose(0, 1)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), full, full, is_causal=True)
+        return bool(torch.allclose(out.float(), ref.transpose(0, 1).float(), atol=2e-2, rtol=2e-2))
+    except Exception:  # noqa: BLE001 - any refusal means: expand the heads ourselves
+        return False
+
+
+def _call_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None):
+    """PyTorch's varlen Flash attention over (tokens, heads, dim), causal within each sequence."""
+    fn, kwargs, gqa_native, takes_scale = _VARLEN_CALL or _varlen_call()
+    if k.shape[1] != q.shape[1] and not gqa_native:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    # The default scale is 1/sqrt(head_dim), what Llama-family models use; only a different one is passed.
+    if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6:
+        if not takes_scale:
+            raise NotImplementedError("this PyTorch's varlen attention has no scale argument; use sdpa")
+        kwargs = {**kwargs, "scale": scale}
+    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+def varlen_attention_forward(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers attention function over packed rows: query/key/value are (batch, heads, seq, dim).
+
+    Sequence boundaries come from `cu_seq_lens_q`/`max_length_q` (transformers' DataCollatorWithFlattening with
+    `return_flash_attn_kwargs=True`), else from position ids restarting at 0 in a one-row batch; otherwise
+    every row is one sequence, and with a 2D padding mask the padding is dropped first. A key longer than the query (generation with a cache) goes to SDPA.
+    """
+    import torch
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, _, q_len, _ = query.shape
+    k_len = key.shape[2]
+    if not query.is_cuda or q_len != k_len or dropout:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = _dense_mask(attention_mask, q_len, k_len, query.dtype)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    q = query.transpose(1, 2)  # (batch, seq, heads, dim)
+    k = key.transpose(1, 2)
+    v = value.transpose(1, 2)
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None and batch == 1 and kwargs.get("position_ids") is not None:
+        cu, max_len = packed_boundaries(kwargs["position_ids"])
+    if cu is not None and batch == 1:
+        cu = cu.to(torch.int32)
+        out = _call_varlen(q[0], k[0], v[0], cu, cu, int(max_len), int(max_len), scaling)
+        return out.unsqueeze(0), None
+    if attention_mask is None:
+        cu = torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
+        out = _call_varlen(q.reshape(batch * q_len, *q.shape[2:]), k.reshape(batch * k_len, *k.shape[2:]), v.reshape(batch * k_len, *v.shape[2:]), cu, cu, q_len, q_len, scaling)
+        return out.view(batch, q_len, *out.shape[1:]), None
+    # Padded rows: attend over the real tokens only, scatter back, leave padding positions at zero.
+    keep = attention_mask.reshape(-1).bool()
+    index = keep.nonzero().squeeze(1)
+    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    max_len = int(lengths.max())
+    flat = lambda t: t.reshape(batch * t.shape[1], *t.shape[2:]).index_select(0, index)  # noqa: E731
+    out = _call_varlen(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, scaling)
+    full = out.new_zeros(batch * q_len, *out.shape[1:]).index_copy(0, index, out)
+    return full.view(batch, q_len, *out.shape[1:]), None
+
+
+_BOUNDARIES: list[Any] = [None, None, 0]
+
+
+def packed_boundaries(position_ids: Any) -> tuple[Any, int]:
+    """(cu_seqlens, longest) of a packed row whose position ids restart at 0 for each example.
+
+    For collators that send only position ids (and for rows a trainer cuts at example boundaries). Worked out
+    once per forward: every block gets the same tensor, which the cache holds (so its id cannot be reused)."""
+    import torch
+
+    if _BOUNDARIES[0] is position_ids:
+        return _BOUNDARIES[1], _BOUNDARIES[2]
+    row = position_ids[0]
+    starts = (row == 0).nonzero().flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    cu = torch.cat([starts, starts.new_full((1,), row.numel())]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    _BOUNDARIES[:] = [position_ids, cu, longest]
+    return cu, longest
+
+
+def install_packed_boundaries(model: Any) -> int:
+    """Hand the decoder stack the example boundaries of a packed row once per forward, as the flash kwargs.
+
+    A forward pre-hook on each module that holds the decoder blocks turns position ids that restart at 0 into
+    `cu_seq_lens_q/k` and `max_length_q/k` (one host sync a forward, outside any compiled block), so collators
+    that send only position ids, and rows a trainer cuts at example boundaries, reach varlen attention with
+    the right boundaries. Returns the number of hooks installed."""
+    import torch
+
+    def hook(module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        if positions is None or positions.dim() != 2 or positions.shape[0] != 1 or "cu_seq_lens_q" in kwargs:
+            return None
+        if getattr(module.config, "_attn_implementation", None) != VARLEN:
+            return None
+        cu, longest = packed_boundaries(positions)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return args, kwargs
+
+    count = 0
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and hasattr(module, "config") and not getattr(module, "_qlora_boundaries", False):
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            module._qlora_boundaries = True
+            count += 1
+    return count
+
+
+def _dense_mask(mask_2d: Any, q_len: int, k_len: int, dtype: Any) -> Any:
+    """Boolean (batch, 1, q, k) causal-and-padding mask for the SDPA fallback."""
+    import torch
+
+    offset = k_len - q_len
+    rows = torch.arange(q_len, device=mask_2d.device)[:, None] + offset
+    cols = torch.arange(k_len, device=mask_2d.device)[None, :]
+    causal = cols <= rows
+    return (causal[None, None] & mask_2d[:, None, None, -k_len:].bool())
+
+
+def packing_collator(attention: str) -> Any:
+    """transformers' padding-free collator: one packed row per micro-batch, positions restarting per example;
+    with varlen attention it also hands over the sequence boundaries."""
+    from transformers import DataCollatorWithFlattening
+
+    return DataCollatorWithFlattening(return_flash_attn_kwargs=attention == VARLEN, return_position_ids=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernels and k-bit preparation
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401  (imports Triton)
+    except Exception:  # noqa: BLE001 - Triton may fail to import on a machine without a GPU
+        return False
+    return True
+
+
+def apply_kernels(model: Any, *, fused_loss: bool = True, layer_kernels: bool = True) -> list[str]:
+    """Swap in Liger's fused kernels where the model's architecture has them; returns what was applied.
+
+    Call before peft wraps the model. Only on CUDA (the kernels are Triton): on the CPU, or for an architecture
+    Liger does not know (EXAONE 3.x's remote code), nothing changes and the list is empty. The fused linear
+    cross-entropy never materialises the (tokens x 102k) logits: the largest single saving in memory.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cuda" or not liger_available():
+        return []
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = getattr(model.config, "model_type", None)
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        log.info("no Liger kernels for model type %s", model_type)
+        return []
+    wanted = {
+        "rope": layer_kernels,
+        "rms_norm": layer_kernels,
+        "swiglu": layer_kernels,
+        "fused_linear_cross_entropy": fused_loss,
+        "cross_entropy": not fused_loss,
+    }
+    params = inspect.signature(apply).parameters
+    kwargs = {k: v for k, v in wanted.items() if k in params}
+    apply(model=model, **kwargs)
+    return [k for k, v in kwargs.items() if v]
+
+
+def prepare_for_kbit_training_lean(model: Any, checkpointed_layers: int | None = 0) -> Any:
+    """peft's `prepare_model_for_kbit_training` without its fp32 copies of every non-quantized weight.
+
+    peft upcasts the embeddings and norms of a 4-bit model to fp32 (1 GiB more for a 102k x 2560 embedding, and
+    fp32 activations behind them). Under bf16 autocast nothing needs them: the frozen weights stay in the
+    compute dtype, the trainable LoRA weights peft adds later stay fp32 for the optimizer.
+
+    `checkpointed_layers`: how many decoder blocks recompute their activations in the backward (None: all;
+    0: none). Non-reentrant checkpointing, so no input-requires-grad hook is needed. Which blocks does not
+    matter for the peak (every kept activation is alive at the turn from forward to backward): the first ones.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if checkpointed_layers == 0:
+        return model
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if checkpointed_layers is not None:
+        for index, layer in enumerate(decoder_layers(model)):
+            layer.gradient_checkpointing = index < checkpointed_layers
+    return model
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The repeated blocks of a transformers model, in order (the modules checkpointing wraps)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def dense_weight_bytes(model: Any) -> int:
+    """Bytes that `cache_dequantized_weights` would add: the 4-bit weights at 2 bytes each (0 off CUDA)."""
+    if next(model.parameters()).device.type != "cuda":
+        return 0
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    return sum(
+        2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
+    )
+
+
+def cache_dequantized_weights(model: Any) -> int:
+    """Keep a bf16 copy of every frozen 4-bit weight on the GPU and multiply with it directly.
+
+    The numbers are the same as bitsandbytes' own training path, which dequantizes the NF4 weight to the
+    compute dtype and then runs an ordinary matmul, in the forward and again in the backward. Doing that once
+    instead removes two dequantization kernels and bitsandbytes' Python layer from every linear call, which is
+    much of the host time of a step (EXAONE-2.4B's shape on an H100: 4.0 GiB more, 12-60% more tokens/s,
+    bench/RESULTS.md), and a plain matmul saves no input for the frozen weight's gradient. The 4-bit weights stay the model's
+    weights: the adapter, checkpoints and merges never see the copy. Call `drop_dequantized_weights`
+    before merging an adapter into the base. Returns the bytes added; 0 on the CPU or without bitsandbytes.
+    """
+    import types
+
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import dequantize_4bit
+    except ImportError:
+        return 0
+    added = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or hasattr(module, "_qlora_dense"):
+            continue
+        weight = module.weight
+        if weight.device.type != "cuda" or getattr(weight, "quant_state", None) is None:
+            continue
+        dtype = module.compute_dtype or weight.quant_state.dtype
+        dense = dequantize_4bit(weight.data, weight.quant_state).to(dtype).reshape(module.out_features, module.in_features)
+        module.register_buffer("_qlora_dense", dense, persistent=False)
+        module.forward = types.MethodType(_dense_linear_forward, module)
+        added += dense.numel() * dense.element_size()
+    return added
+
+
+def _dense_linear_forward(self: Any, x: Any) -> Any:
+    import torch
+
+    weight = self._qlora_dense
+    bias = None if self.bias is None else self.bias.to(weight.dtype)
+    return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+def drop_dequantized_weights(model: Any) -> int:
+    """Undo `cache_dequantized_weights` (before a merge, or to give the memory back); returns modules restored."""
+    restored = 0
+    for module in model.modules():
+        if hasattr(module, "_qlora_dense"):
+            del module._qlora_dense
+            module.__dict__.pop("forward", None)
+            restored += 1
+    return restored
+
+
+def compile_layers(model: Any, mode: str | None = None) -> int:
+    """torch.compile each decoder block (dynamic shapes: packed rows change length every step); returns how
+    many. The blocks share one compiled graph. Only on CUDA; a CPU run is left eager."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return 0
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True, mode=mode)
+    return len(layers)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batch planning (`batchSize: auto`)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes of activation memory per packed token, fitted to H100 measurements (bench/RESULTS.md).
+
+    `layer_bytes_per_hidden`: what one block keeps for its backward, per token and unit of hidden size
+    (attention-only LoRA r=16 with dropout, bf16 autocast, Liger kernels, varlen attention: 2.4 MiB a token
+    for the 30 blocks of EXAONE-2.4B); `boundary_bytes_per_hidden`: what a checkpointed block keeps (its
+    input); `head_bytes_*`: what the loss keeps per token, nearly nothing with the fused linear cross-entropy
+    and the fp32 logits with their gradient without it. `fixed_reserve_bytes` covers the allocator's slack,
+    the CUDA context is outside PyTorch's count and already out of the free memory.
+    """
+
+    layer_bytes_per_hidden: float = 33.0
+    unfused_layer_bytes_per_hidden: float = 40.0
+    boundary_bytes_per_hidden: float = 2.3
+    head_bytes_fused: float = 64.0
+    head_bytes_per_vocab_unfused: float = 16.0
+    fixed_reserve_bytes: int = int(0.75 * GIB)
+    safety: float = 0.9
+
+    def per_token(self, shape: ModelShape, checkpointed_fraction: float, fused_loss: bool) -> float:
+        per_hidden = self.layer_bytes_per_hidden if fused_loss else self.unfused_layer_bytes_per_hidden
+        layer = per_hidden * shape.hidden_size
+        boundary = self.boundary_bytes_per_hidden * shape.hidden_size
+        kept = shape.num_layers * ((1 - checkpointed_fraction) * layer + checkpointed_fraction * boundary)
+        # A checkpointed block holds its full activations again while it is recomputed.
+        recompute = layer if checkpointed_fraction > 0 else 0.0
+        head = self.head_bytes_fused if fused_loss else self.head_bytes_per_vocab_unfused * shape.vocab_size
+        return kept + recompute + head
+
+
+@dataclass(frozen=True)
+class SpeedModel:
+    """Seconds per micro-batch of T packed tokens: the larger of the host's time to issue the step and the
+    GPU's time to run it, each longer by the recomputed share. Measured on an H100 with EXAONE-2.4B's shape
+    (bench/RESULTS.md): issuing one forward+backward of a 4-bit peft model costs about 0.4 s of host time
+    whatever T is, so a micro-batch below ~16k tokens is host-bound and larger micro-batches are nearly free.
+    GPU seconds per token are scaled by matmul parameters from the 2.4B measurement.
+    """
+
+    host_s: float = 0.42
+    host_s_dense: float = 0.29
+    host_s_compiled: float = 0.22
+    compile_s: float = 95.0
+    host_recompute: float = 0.35
+    gpu_s_per_token_2b4: float = 24.5e-6
+    gpu_recompute: float = 0.5
+    reference_matmul_params: float = 2.40e9
+
+    def step_seconds(
+        self, tokens: float, checkpointed_fraction: float, shape: ModelShape | None = None, dense: bool = False
+    ) -> float:
+        scale = shape.matmul_params / self.reference_matmul_params if shape else 1.0
+        host = (self.host_s_dense if dense else self.host_s) * (1 + self.host_recompute * checkpointed_fraction)
+        gpu = tokens * self.gpu_s_per_token_2b4 * scale * (1 + self.gpu_recompute * checkpointed_fraction)
+        return max(host, gpu)
+
+    def relative(
+        self, mean_tokens: float, checkpointed_fraction: float, shape: ModelShape | None = None, dense: bool = False
+    ) -> float:
+        """Tokens per second of the plan, in model units."""
+        return mean_tokens / self.step_seconds(mean_tokens, checkpointed_fraction, shape, dense)
+
+
+def compile_pays(total_steps: int, micro_batches_per_step: int = 1, speed: SpeedModel = SpeedModel()) -> bool:
+    """Whether torch.compile of the blocks earns back its warm-up over the run (host-bound micro-batches only).
+
+    Measured on an H100 with EXAONE-2.4B's shape: compiling costs about 95 s once and saves about 0.07 s a
+    micro-batch, so it pays from roughly 1,400 micro-batches (eleven epochs of 2,000 examples at 16 a step)."""
+    saved = (speed.host_s_dense - speed.host_s_compiled) * total_steps * micro_batches_per_step
+    return saved > speed.compile_s
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What `plan_batch` chose and why; `describe()` is the line the trainer logs."""
+
+    micro_batch: int
+    accumulation_steps: int
+    token_budget: int
+    packed: bool
+    checkpointed_layers: int
+    num_layers: int
+    worst_case_tokens: int
+    dense_weights: bool
+    estimated_peak_bytes: int
+    budget_bytes: int
+    reason: str
+    alternatives: list[dict[str, Any]] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def optimizer_batch(self) -> int:
+        return self.micro_batch * self.accumulation_steps
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.checkpointed_layers > 0
+
+    def describe(self) -> str:
+        if not self.checkpointed_layers:
+            ckpt = "off"
+        elif self.checkpointed_layers >= self.num_layers:
+            ckpt = "every block"
+        else:
+            ckpt = f"{self.checkpointed_layers} of {self.num_layers} blocks"
+        batching = (
+            f"optimizer batch {self.optimizer_batch} packed, micro-batches of at most {self.token_budget} tokens"
+            if self.packed
+            else f"micro-batch {self.micro_batch} x accumulation {self.accumulation_steps}"
+        )
+        return (
+            f"{batching}, checkpointing {ckpt}, "
+            f"{'dequantized weight cache, ' if self.dense_weights else ''}"
+            f"worst case {self.worst_case_tokens} tokens, est. peak {self.estimated_peak_bytes / GIB:.1f} "
+            f"of {self.budget_bytes / GIB:.1f} GiB: {self.reason}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("alternatives")
+        data["gradient_checkpointing"] = self.gradient_checkpointing
+        return data
+
+
+def plan_batch(
+    *,
+    optimizer_batch: int,
+    max_length: int,
+    mean_length: float,
+    budget_bytes: int,
+    model_bytes: int,
+    shape: ModelShape,
+    fused_loss: bool,
+    dense_weight_bytes: int = 0,
+    packed: bool = True,
+    allow_checkpointing: bool = True,
+    memory: MemoryModel = MemoryModel(),
+    speed: SpeedModel = SpeedModel(),
+) -> BatchPlan:
+    """Choose the micro-batch size, checkpointing and weight cache for training within `budget_bytes`.
+
+    The optimizer batch (examples per optimizer step) is kept, so learning is unchanged. `packed`: each step's
+    examples come as one packed row cut at example boundaries into micro-batches of at most `token_budget`
+    tokens (a multiple of max_length, so one example always fits); else micro-batches of k padded examples,
+    k a divisor of the optimizer batch. The worst case (budget tokens, or k * max_length) must fit
+    `budget_bytes` (free GPU memory at start, or a cap) after the model's own `model_bytes`. Among the plans
+    that fit, the one with the highest modelled throughput (`SpeedModel`) wins; checkpointing covers only as
+    many blocks as needed, so a card with room recomputes nothing. With `dense_weight_bytes` > 0 a plan may
+    also keep the frozen weights dequantized (`cache_dequantized_weights`) where that room is left over.
+    """
+    if optimizer_batch < 1 or max_length < 1:
+        raise ValueError("optimizer_batch and max_length must be at least 1")
+    usable = (budget_bytes - model_bytes - memory.fixed_reserve_bytes) * memory.safety
+    layers = shape.num_layers
+    divisors = [k for k in range(1, optimizer_batch + 1) if optimizer_batch % k == 0]
+    counts = range(layers + 1) if allow_checkpointing else (0,)
+    dense_options = (False, True) if dense_weight_bytes > 0 else (False,)
+    candidates: list[dict[str, Any]] = []
+    sizes = range(1, optimizer_batch + 1) if packed else divisors
+    # A step's packed tokens, with room for the spread between steps (the loader does not balance them).
+    step_tokens = optimizer_batch * mean_length * 1.15
+    for k in sizes:
+        worst = k * max_length
+        micro = max(1, math.ceil(step_tokens / worst)) if packed else optimizer_batch // k
+        tokens = (step_tokens / micro) if packed else k * mean_length
+        for count in counts:
+            frac = count / layers
+            for dense in dense_options:
+                need = worst * memory.per_token(shape, frac, fused_loss) + (dense_weight_bytes if dense else 0)
+                fits = need <= usable
+                candidates.append(
+                    {
+                        "micro_batch": k,
+                        "checkpointed_layers": count,
+                        "dense": dense,
+                        "need_bytes": int(need),
+                        "fits": fits,
+                        "score": speed.relative(tokens, frac, shape, dense) if fits else 0.0,
+                    }
+                )
+    fitting = [c for c in candidates if c["fits"]]
+    if not fitting:
+        # Nothing provably fits: one example per micro-batch, checkpointing every block, and say so.
+        count = layers if allow_checkpointing else 0
+        best = {"micro_batch": 1, "checkpointed_layers": count, "dense": False}
+        need = int(max_length * memory.per_token(shape, count / layers, fused_loss))
+        reason = "nothing fits the estimate; smallest plan"
+    else:
+        # Highest score; ties go to no weight cache, less recomputation, then the larger micro-batch.
+        best = max(
+            fitting,
+            key=lambda c: (round(c["score"], 3), not c["dense"], -c["checkpointed_layers"], c["micro_batch"]),
+        )
+        need = best["need_bytes"]
+        reason = "largest modelled throughput that fits"
+    k = best["micro_batch"]
+    return BatchPlan(
+        micro_batch=optimizer_batch if packed else k,
+        accumulation_steps=1 if packed else optimizer_batch // k,
+        token_budget=k * max_length,
+        packed=packed,
+        checkpointed_layers=best["checkpointed_layers"],
+        num_layers=layers,
+        worst_case_tokens=k * max_length,
+        dense_weights=best["dense"],
+        estimated_peak_bytes=int(model_bytes + memory.fixed_reserve_bytes + need),
+        budget_bytes=int(budget_bytes),
+        reason=reason,
+        alternatives=candidates,
+    )
+
+
+def free_gpu_bytes(device: Any = None) -> tuple[int, int]:
+    """(free, total) bytes of the CUDA device, honouring a per-process memory fraction; (0, 0) without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, 0
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "_qlora_memory_fraction", None)
+    if fraction:
+        cap = int(total * fraction) - torch.cuda.memory_reserved(device)
+        free = min(free, max(cap, 0))
+    return int(free), int(total)
+
+
+def cap_gpu_memory(gib: float, device: Any = None) -> float:
+    """Limit this process to `gib` of the GPU (to rehearse a smaller card); returns the fraction set."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device or 0).total_memory
+    fraction = min(1.0, gib * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda._qlora_memory_fraction = fraction  # read back by free_gpu_bytes
+    return fraction
+
+
+def training_arguments_overrides(plan: BatchPlan) -> dict[str, Any]:
+    """The transformers TrainingArguments a plan implies (the trainer merges these over the config's).
+
+    Checkpointing stays off in the arguments: `prepare_for_kbit_training_lean` already set it per block, and
+    the Trainer's own switch would turn it on for every block."""
+    return {
+        "per_device_train_batch_size": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation_steps,
+        "gradient_checkpointing": False,
+    }
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes held by the model's parameters and buffers (4-bit weights counted as stored)."""
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        total += tensor.numel() * tensor.element_size()
+    return total
