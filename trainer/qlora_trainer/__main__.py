@@ -63,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_message(termination_path, failure_summary("Failed", reason.exit_code, message, reason.value, None))
         return reason.exit_code
 
+    from .launch import is_main_process, launch, needs_launcher
+
+    if needs_launcher(cfg):
+        return launch(cfg, sys.argv[1:] if argv is None else argv)
+    main_process = is_main_process()
+    if not main_process:  # one copy of the progress lines is enough
+        logging.getLogger().setLevel(logging.WARNING)
+
     from .errors import CUDAOutOfMemory, TrainerError, oom_message
     from .metrics import TrainerMetrics
     from .training import StopOnSignal, Terminated, train
@@ -76,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopOnSignal()
     stop.install()
     try:
-        metrics.serve(cfg.metrics.port, cfg.metrics.host)
+        if main_process:
+            metrics.serve(cfg.metrics.port, cfg.metrics.host)
         summary = train(cfg, metrics, stop)
         code = EXIT_SUCCESS
         log.info("done: step %s, loss %s, eval loss %s; adapter in %s",
@@ -102,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s: %s", failure.reason.value, failure)
         summary = failure_summary("Failed", code, str(failure), failure.reason.value, metrics)
         metrics.set_phase(Phase.FAILED)
-    write_termination_message(cfg.termination_message_path, summary)
+    if main_process:
+        write_termination_message(cfg.termination_message_path, summary)
     metrics.close()
     return code
 

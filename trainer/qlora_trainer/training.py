@@ -118,7 +118,7 @@ class QLoRATrainer(Trainer):
         self.token_budget = token_budget
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.state.num_input_tokens_seen += useful_tokens(inputs)
+        self.state.num_input_tokens_seen += self._tokens_everywhere(useful_tokens(inputs))
         if self.token_budget is None or "position_ids" not in inputs or num_items_in_batch is None:
             return super().training_step(model, inputs, num_items_in_batch)
         parts = split_packed(inputs, self.token_budget)
@@ -130,6 +130,16 @@ class QLoRATrainer(Trainer):
                 loss = super().training_step(model, part, num_items_in_batch)
             total = loss if total is None else total + loss
         return total
+
+
+    def _tokens_everywhere(self, tokens: int) -> int:
+        """This micro-batch's useful tokens summed over the data-parallel workers (as the Trainer's own
+        `include_num_input_tokens_seen` does), so every rank reports the run's total."""
+        if self.args.world_size <= 1:
+            return tokens
+        import torch
+
+        return int(self.accelerator.gather(torch.tensor([tokens], device=self.args.device)).sum())
 
 
 class StopOnSignal(TrainerCallback):
@@ -153,9 +163,23 @@ class StopOnSignal(TrainerCallback):
         self.training = True
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.requested = self._anywhere(self.requested, args.device)
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
+
+    @staticmethod
+    def _anywhere(flag: bool, device) -> bool:
+        """Whether any worker of a data-parallel run was signalled: all must stop at the same step, or the
+        ones that go on would wait for the others forever."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return flag
+        value = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False
@@ -255,6 +279,7 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
         trainer.evaluate()
     metrics.set_phase(Phase.SAVING)
     summary = run_summary(cfg, trainer.state, data.stats, metrics, started)
-    save_outputs(cfg, trainer.model, tokenizer, summary)
+    if trainer.is_world_process_zero():
+        save_outputs(cfg, trainer.model, tokenizer, summary)
     metrics.set_phase(Phase.DONE)
     return summary

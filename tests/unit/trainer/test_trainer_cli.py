@@ -200,3 +200,57 @@ def test_sigterm_saves_a_checkpoint_and_a_restart_ends_like_an_uninterrupted_run
     assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-3)
     assert resumed["evalLoss"] == pytest.approx(straight["evalLoss"], rel=1e-3)
     assert resumed["tokensTotal"] == straight["tokensTotal"]
+
+
+# ------------------------------------------------------------------ data parallel
+
+
+def test_launcher_runs_one_worker_per_gpu_and_spans_nodes():
+    from qlora_trainer.config import TrainerConfig
+    from qlora_trainer.launch import needs_launcher, torchrun_command
+
+    cfg = TrainerConfig.model_validate({"dataset": {"path": "d.jsonl"}, "output": {"dir": "/out"}, "gpus": 4})
+    assert needs_launcher(cfg, {}) and not needs_launcher(cfg, {"LOCAL_RANK": "0"})
+    assert not needs_launcher(cfg.model_copy(update={"gpus": 1}), {})
+    assert needs_launcher(cfg.model_copy(update={"gpus": 1}), {"NNODES": "2"})
+    single = torchrun_command(cfg, ["--config", "c.json"], {})
+    assert "--nproc-per-node=4" in single and "--standalone" in single
+    assert single[-4:] == ["-m", "qlora_trainer", "--config", "c.json"]
+    env = {"NNODES": "3", "NODE_RANK": "1", "MASTER_ADDR": "job-0.svc", "MASTER_PORT": "29500"}
+    multi = torchrun_command(cfg, [], env)
+    assert {"--nnodes=3", "--node-rank=1", "--master-addr=job-0.svc", "--master-port=29500"} <= set(multi)
+    assert "--standalone" not in multi
+
+
+def test_data_parallel_workers_stop_together_when_one_is_signalled(tmp_path, tiny_model_dir):
+    """Two CPU workers under torchrun: a SIGTERM to rank 1 alone stops both at the same step with one
+    checkpoint; rank 0 alone serves metrics and writes the termination summary."""
+    import psutil
+    from test_trainer_training import free_port
+
+    doc = document(tmp_path, tiny_model_dir, records=bilingual_qa_records(4), maxSteps=500,
+                   checkpointEvery=1000, evalEvery=1000)
+    doc["metrics"] = {"port": free_port(), "host": "127.0.0.1"}
+    (tmp_path / "config.json").write_text(json.dumps(doc, default=str))
+    env = {**os.environ, "PYTHONPATH": str(TRAINER_DIR), "HF_HUB_OFFLINE": "1"}
+    with (tmp_path / "log").open("wb") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             "-m", "qlora_trainer", "--config", str(tmp_path / "config.json")],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while (scrape_step(doc["metrics"]["port"]) or 0) < 3:
+            assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+            time.sleep(0.05)
+        (rank_1,) = [p for p in psutil.Process(agent.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        rank_1.send_signal(signal.SIGTERM)
+        agent.wait(timeout=300)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["status"] == "Terminated" and summary["exitCode"] == EXIT_TERMINATED
+    (checkpoint,) = (tmp_path / "out" / "checkpoints").iterdir()
+    assert checkpoint.name == f"checkpoint-{summary['step']}" and summary["step"] < 500
