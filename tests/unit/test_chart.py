@@ -253,15 +253,6 @@ def test_values_reach_the_operator_as_settings(custom_docs):
     assert settings.log_level == "DEBUG"
 
 
-def test_settings_change_restarts_the_operator(helm, tmp_path):
-    def checksum(values):
-        deployment = one(render(helm, values, tmp=tmp_path), "Deployment")
-        return deployment["spec"]["template"]["metadata"]["annotations"]["qlora.io/settings-checksum"]
-
-    assert checksum(None) == checksum({})
-    assert checksum(None) != checksum({"defaults": {"baseModel": "other/model"}})
-
-
 # ------------------------------------------------------------------------------------------------ RBAC
 
 def rules_of(role: dict) -> set[tuple[str, str, str]]:
