@@ -342,6 +342,23 @@ def token_kubeconfig(path: Path, server: str, token: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("method,url,expected", [
+    ("GET", "/apis/qlora.io/v1alpha1/qlorafinetunes?watch=true&resourceVersion=5", ("qlora.io", "qlorafinetunes", "watch")),
+    ("GET", "/apis/batch/v1/jobs?labelSelector=qlora.io%2Ffinetune", ("batch", "jobs", "list")),
+    ("GET", "/api/v1/namespaces/ml/secrets/hf", ("", "secrets", "get")),
+    ("POST", "/api/v1/namespaces/ml/events", ("", "events", "create")),
+    ("PATCH", "/apis/qlora.io/v1alpha1/namespaces/ml/qlorafinetunes/run/status", ("qlora.io", "qlorafinetunes/status",
+                                                                                  "patch")),
+    ("DELETE", "/apis/batch/v1/namespaces/ml/jobs", ("batch", "jobs", "deletecollection")),
+    ("GET", "/api/v1/namespaces/ml", ("", "namespaces", "get")),
+    ("GET", "/apis/qlora.io/v1alpha1", None),
+    ("GET", "/version", None),
+])
+def test_requests_map_to_what_the_authorizer_checks(method, url, expected):
+    path, _, query = url.partition("?")
+    assert Call(method, path, parse_qs(query), 200).attributes == expected
+
+
 # ------------------------------------------------------------------------------------------- fixture
 
 @pytest.fixture(scope="module")
