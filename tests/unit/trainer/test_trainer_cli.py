@@ -3,6 +3,7 @@ a message naming the cause; SIGTERM saves a checkpoint and a restart resumes to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -180,12 +181,16 @@ def test_sigterm_saves_a_checkpoint_and_a_restart_ends_like_an_uninterrupted_run
 
     folder, doc = runs["preempted"]
     process = start_trainer(folder / "config.json", folder / "log")
-    deadline = time.monotonic() + 600
-    while (scrape_step(doc["metrics"]["port"]) or 0) < 3:
-        assert process.poll() is None and time.monotonic() < deadline, (folder / "log").read_text()[-3000:]
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=300) == EXIT_TERMINATED, (folder / "log").read_text()[-3000:]
+    try:
+        deadline = time.monotonic() + 600
+        while (scrape_step(doc["metrics"]["port"]) or 0) < 3:
+            assert process.poll() is None and time.monotonic() < deadline, (folder / "log").read_text()[-3000:]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == EXIT_TERMINATED, (folder / "log").read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
     stopped = json.loads((folder / "termination-log").read_text())
     assert stopped["status"] == "Terminated" and "checkpoint saved" in stopped["message"]
     (checkpoint,) = (folder / "out" / "checkpoints").iterdir()
@@ -239,17 +244,20 @@ def test_data_parallel_workers_stop_together_when_one_is_signalled(tmp_path, tin
              "-m", "qlora_trainer", "--config", str(tmp_path / "config.json")],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
+    workers = []
     try:
         deadline = time.monotonic() + 600
         while (scrape_step(doc["metrics"]["port"]) or 0) < 3:
             assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
             time.sleep(0.05)
-        (rank_1,) = [p for p in psutil.Process(agent.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        workers = psutil.Process(agent.pid).children(recursive=True)
+        (rank_1,) = [p for p in workers if p.environ().get("RANK") == "1"]
         rank_1.send_signal(signal.SIGTERM)
         agent.wait(timeout=300)
     finally:
-        if agent.poll() is None:
-            agent.kill()
+        for process in [agent, *workers]:  # a hung run must not outlive the test
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                process.kill()
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert summary["status"] == "Terminated" and summary["exitCode"] == EXIT_TERMINATED
     (checkpoint,) = (tmp_path / "out" / "checkpoints").iterdir()
