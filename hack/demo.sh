@@ -3,6 +3,9 @@
 #
 #  1. brings up the local cluster (hack/localcluster; the first start compiles Kubernetes: long, once)
 #  2. installs the QLoRAFinetune CRD and starts the operator in the background (log: .demo/operator.log)
+#
+# Settings (environment): CLUSTER_DIR (.localcluster), DEMO_NAMESPACE (qlora-demo), DEMO_DIR (.demo),
+# DEMO_RUN_TIMEOUT (1200 s for the fine-tune), DEMO_CLUSTER_TIMEOUT (5400 s for the first cluster start).
 #  3. makes the inputs: a tiny random-weight model and a bilingual (Korean/English) QA data set
 #  4. applies hack/demo/finetune.yaml and shows `kubectl get qft -w` until it ends
 #  5. prints where the adapter is, and one answer of the model before and after training
@@ -12,7 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
 dir="${CLUSTER_DIR:-.localcluster}"
-demo="$repo/.demo"
+case "$dir" in /*) ;; *) dir="$repo/$dir" ;; esac
+demo="${DEMO_DIR:-$repo/.demo}"
 ns="${DEMO_NAMESPACE:-qlora-demo}"
 name="demo-bot"
 run_timeout="${DEMO_RUN_TIMEOUT:-1200}"
@@ -57,8 +61,8 @@ if ! "$py" hack/localcluster/localcluster.py status --dir "$dir" >/dev/null 2>&1
 fi
 within "$cluster_timeout" "starting the local cluster" \
     "$py" hack/localcluster/localcluster.py up --dir "$dir"
-export KUBECONFIG="$repo/$dir/kubeconfig"
-kubectl="$repo/$dir/bin/kubectl"
+export KUBECONFIG="$dir/kubeconfig"
+kubectl="$dir/bin/kubectl"
 k() { within 120 "kubectl $*" "$kubectl" "$@"; }
 k get nodes
 
@@ -69,7 +73,7 @@ k wait --for=condition=Established --timeout=60s crd/qlorafinetunes.qlora.io
 k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
 say "namespace $ns"
 
-step "Starting the operator (watching namespace $ns; log: .demo/operator.log)"
+step "Starting the operator (watching namespace $ns; log: $demo/operator.log)"
 if [ -f "$demo/operator.pid" ]; then
     old=$(cat "$demo/operator.pid")
     if grep -qs qlora_operator "/proc/$old/cmdline"; then
@@ -85,8 +89,11 @@ metrics_port=$(free_port)
     --health-port "$health_port" --metrics-port "$metrics_port" > "$demo/operator.log" 2>&1 &
 operator_pid=$!
 echo "$operator_pid" > "$demo/operator.pid"
-stop_operator() {
-    if kill -0 "$operator_pid" 2>/dev/null; then kill "$operator_pid" 2>/dev/null || true; fi
+stop_operator() {  # SIGTERM, up to 20 s for kopf to finish, then SIGKILL
+    kill -0 "$operator_pid" 2>/dev/null || return 0
+    kill "$operator_pid" 2>/dev/null || true
+    for _ in $(seq 40); do kill -0 "$operator_pid" 2>/dev/null || return 0; sleep 0.5; done
+    kill -9 "$operator_pid" 2>/dev/null || true
 }
 trap 'rc=$?; stop_operator; [ $rc -eq 0 ] || echo "demo: stopped (exit $rc). Logs: $demo/, cluster logs: $dir/logs/" >&2' EXIT
 healthy() { kill -0 "$operator_pid" && "$py" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$health_port/healthz', timeout=2)"; }
@@ -183,5 +190,5 @@ say "(expected after training: $("$py" -c 'from hack.demo.inputs import QA_PAIRS
 echo
 echo "The demo took $(( $(date +%s) - t0 ))s. The cluster stays up:"
 echo "  export KUBECONFIG=$KUBECONFIG"
-echo "  $dir/bin/kubectl -n $ns get qft $name -o yaml"
-echo "The operator was stopped (its log: .demo/operator.log). Stop the cluster with: make cluster-down"
+echo "  $kubectl -n $ns get qft $name -o yaml"
+echo "The operator was stopped (its log: $demo/operator.log). Stop the cluster with: make cluster-down CLUSTER_DIR=$dir"
