@@ -29,10 +29,6 @@ from tests.prometheus_server import KubernetesPodsSD, PrometheusServer, kubernet
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
 
-def running_with(key: str):
-    return lambda s: s.get("phase") == "Running" and s.get(key) is not None
-
-
 def assert_matches_summary(status: dict, summary: dict, claim_path: str) -> None:
     assert status["step"] == summary["step"] == summary["totalSteps"] == status["totalSteps"]
     assert status["progress"] == "100%"

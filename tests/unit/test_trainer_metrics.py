@@ -482,9 +482,7 @@ def test_reader_bounds_concurrency(server):
     peak = 0
 
     async def go():
-        nonlocal peak
         original = reader._scrape
-
         active = 0
 
         async def counting(ip):
