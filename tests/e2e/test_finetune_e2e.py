@@ -115,8 +115,9 @@ def test_a_hung_then_killed_pod_goes_stale_then_resumes_from_its_checkpoint(clus
     resource["spec"]["runtime"] = {"backoffLimit": 2}
     with operator_process(cluster, namespace), StatusRecorder(cluster, namespace, "crash") as rec:
         apply(cluster, namespace, resource)
+        # Early enough that the retry has steps left to be seen resuming (reads come every second).
         before = rec.wait_for(lambda s: s.get("phase") == "Running" and (s.get("lastCheckpoint") or {}).get("step")
-                              and s.get("step", 0) < 30, RUN_TIMEOUT, "a checkpoint while running")
+                              and s.get("step", 0) < 20, RUN_TIMEOUT, "a checkpoint while running")
         pods = cluster.kubectl_json("get", "pods", "-l", "qlora.io/finetune=crash", namespace=namespace)["items"]
         ip = next(p for p in pods if p["status"].get("phase") == "Running")["status"]["podIP"]
 
