@@ -544,6 +544,61 @@ def check_dense(args) -> None:
     print(json.dumps({"check": "dense cache vs bitsandbytes logits", "relative_error": rel, "added_gib": added / speed.GIB}), flush=True)
 
 
+def cli_check(args) -> list[dict[str, Any]]:
+    """The real trainer CLI (`python -m qlora_trainer --config`) on the EXAONE-shaped model, text QA data and a
+    tokenizer built here, once per trainer package in --cli-packages (e.g. the committed one and a patched
+    copy); reports wall time, tokens and peak memory from each run's summary.json."""
+    import numpy as np
+    import torch
+
+    from qlora_trainer.testing import build_tokenizer, write_jsonl
+
+    work = args.out / "cli"
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8))) for _ in range(3000)]
+    perm = rng.permutation(len(words))
+    records = []
+    for length in np.minimum(np.rint(np.exp(np.log(300) + 0.6 * rng.standard_normal(args.examples))), 1024):
+        n = max(4, int(length) // 3)  # BPE on made-up words: about three tokens a word
+        q = rng.integers(0, len(words), n // 2)
+        a = [words[perm[i]] for i in q]
+        records.append({"question": " ".join(words[i] for i in q), "answer": " ".join(a)})
+    data = write_jsonl(work / "data.jsonl", records)
+    model_dir = args.model_dir
+    if not (model_dir / "tokenizer.json").exists():
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        texts = words[:2000] + [r["question"] for r in records[:50]]
+        build_tokenizer(texts, vocab_size=min(4000, vocab - 16)).save_pretrained(model_dir)
+    rows = []
+    for package in [p for p in args.cli_packages.split(",") if p]:
+        out = work / f"out-{Path(package).name or 'trainer'}"
+        config = {
+            "model": {"name": str(model_dir)},
+            "dataset": {"path": str(data), "evalFraction": 0.05},
+            "training": {"epochs": 1, "batchSize": "auto", "evalEvery": 100000, "checkpointEvery": 100000},
+            "output": {"dir": str(out)},
+            "metrics": {"port": 0},
+            "terminationMessagePath": str(work / "termination.log"),
+            "gpus": 1 if torch.cuda.is_available() else 0,
+        }
+        path = work / "config.json"
+        path.write_text(json.dumps(config))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(package).resolve()), os.environ.get("PYTHONPATH", "")])}
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "qlora_trainer", "--config", str(path)], env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        tail = [line for line in (proc.stdout + proc.stderr).splitlines() if "speed:" in line or "rror" in line][-6:]
+        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+        termination = (work / "termination.log").read_text()[:600] if (work / "termination.log").exists() else ""
+        row = {"package": package, "rc": proc.returncode, "process_s": wall, "log": tail, "summary": summary}
+        if proc.returncode:
+            row["termination"] = termination
+        rows.append(row)
+        print(json.dumps(row)[:3000], flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Orchestration and report
 
@@ -585,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny model and data: a CPU smoke run")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--check", action="store_true", help="check the dequantized-weight cache, then exit")
+    parser.add_argument("--cli-packages", default="", help="run the trainer CLI from each of these folders")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -614,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model ready in {time.perf_counter() - t:.0f}s at {args.model_dir}", flush=True)
     if args.check:
         check_dense(args)
+        return 0
+    if args.cli_packages:
+        (args.out / "cli.json").write_text(json.dumps(cli_check(args), indent=1))
         return 0
     if args.sweep:
         rows = sweep(args)

@@ -208,3 +208,15 @@ def test_allocator_env_keeps_a_users_choice():
     assert speed.allocator_env(env)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
     assert speed.allocator_env(env)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_configure_is_a_no_op_on_the_cpu():
+    model = tiny_llama()
+    setup = speed.configure(
+        model, batch_size="auto", gradient_accumulation_steps=8, max_length=64, lengths=[10, 20],
+        gradient_checkpointing=True, packing=True, total_steps=10_000,
+    )
+    assert (setup.attention, setup.kernels, setup.plan, setup.token_budget) == ("sdpa", [], None, None)
+    assert not setup.owns_checkpointing
+    assert setup.to_dict()["plan"] is None
+    assert "attention sdpa" in setup.describe()

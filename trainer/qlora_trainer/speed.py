@@ -426,7 +426,14 @@ def prepare_for_kbit_training_lean(model: Any, checkpointed_layers: int | None =
     """
     for param in model.parameters():
         param.requires_grad_(False)
+    return set_checkpointing(model, checkpointed_layers)
+
+
+def set_checkpointing(model: Any, checkpointed_layers: int | None) -> Any:
+    """Non-reentrant checkpointing on the first `checkpointed_layers` blocks (None: all; 0: off)."""
     if checkpointed_layers == 0:
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
         return model
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
@@ -782,3 +789,116 @@ def model_bytes(model: Any) -> int:
     for tensor in list(model.parameters()) + list(model.buffers()):
         total += tensor.numel() * tensor.element_size()
     return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One call for the trainer
+
+
+@dataclass
+class SpeedSetup:
+    """What `configure` did to a model, for the log and the summary."""
+
+    attention: str
+    kernels: list[str]
+    plan: BatchPlan | None
+    dense_weight_bytes: int = 0
+    compiled_layers: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def token_budget(self) -> int | None:
+        """Tokens per packed micro-batch the plan chose; None: the caller's own (batchSize x maxLength)."""
+        return self.plan.token_budget if self.plan else None
+
+    @property
+    def owns_checkpointing(self) -> bool:
+        """True when checkpointing was set per block here: the Trainer must not switch it on for all."""
+        return self.plan is not None
+
+    def describe(self) -> str:
+        parts = [f"attention {self.attention}", f"kernels {', '.join(self.kernels) or 'none'}"]
+        if self.plan:
+            parts.append(self.plan.describe())
+        if self.compiled_layers:
+            parts.append(f"{self.compiled_layers} blocks compiled")
+        return "; ".join(parts + self.notes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attention": self.attention,
+            "kernels": self.kernels,
+            "plan": self.plan.to_dict() if self.plan else None,
+            "denseWeightBytes": self.dense_weight_bytes,
+            "compiledLayers": self.compiled_layers,
+        }
+
+
+def configure(
+    model: Any,
+    *,
+    batch_size: int | str,
+    gradient_accumulation_steps: int,
+    max_length: int,
+    lengths: Sequence[int],
+    gradient_checkpointing: bool,
+    packing: bool,
+    total_steps: int = 0,
+) -> SpeedSetup:
+    """Put a loaded peft model on the GPU fast path; a no-op on the CPU. Call after LoRA is added, before
+    the Trainer is built.
+
+    - packing on a transformers-native model: varlen attention, example boundaries from the position ids;
+    - Liger's kernels on the base model where its architecture has them;
+    - `batchSize: auto`: `plan_batch` over the free GPU memory keeps the optimizer batch of
+      2 x gradientAccumulationSteps examples (the guide's micro-batch 2) and chooses the packed micro-batch's
+      token budget, how many blocks recompute (only if `gradient_checkpointing` allows it) and the
+      dequantized weight cache; torch.compile of the blocks when the run is long enough to pay it back.
+    An explicit batchSize keeps the trainer's own budget (batchSize x maxLength) and checkpointing.
+    """
+    device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loaded = getattr(base.config, "_attn_implementation", None) or "sdpa"
+    if device.type != "cuda":
+        return SpeedSetup(attention=loaded, kernels=[], plan=None)
+    import torch
+
+    attention = loaded
+    native = type(base).__module__.startswith("transformers.")
+    if packing and native and choose_attention(device) == VARLEN:
+        base.config._attn_implementation = VARLEN
+        install_packed_boundaries(base)
+        attention = VARLEN
+    will_compile = batch_size == "auto" and packing and compile_pays(total_steps)
+    # Under torch.compile only the fused loss stays Liger's: inductor fuses the norms, RoPE and SwiGLU itself.
+    kernels = apply_kernels(base, layer_kernels=not will_compile)
+    setup = SpeedSetup(attention=attention, kernels=kernels, plan=None)
+    if batch_size != "auto":
+        return setup
+    shape = ModelShape.from_config(base.config)
+    torch.cuda.synchronize(device)
+    free, _ = free_gpu_bytes(device)
+    held = torch.cuda.memory_allocated(device)
+    plan = plan_batch(
+        optimizer_batch=AUTO_REFERENCE_MICRO_BATCH * gradient_accumulation_steps,
+        max_length=max_length,
+        mean_length=(sum(lengths) / len(lengths)) if lengths else max_length / 2,
+        budget_bytes=free + held,
+        model_bytes=held,
+        shape=shape,
+        fused_loss="fused_linear_cross_entropy" in kernels,
+        dense_weight_bytes=dense_weight_bytes(base),
+        packed=packing,
+        allow_checkpointing=gradient_checkpointing,
+    )
+    setup.plan = plan
+    if plan.dense_weights:
+        setup.dense_weight_bytes = cache_dequantized_weights(base)
+    set_checkpointing(base, plan.checkpointed_layers)
+    if will_compile:
+        setup.compiled_layers = compile_layers(base)
+    return setup
+
+
+# `batchSize: auto` keeps the optimizer batch of the API's default micro-batch (2) x gradientAccumulationSteps.
+AUTO_REFERENCE_MICRO_BATCH = 2
