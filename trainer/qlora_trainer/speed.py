@@ -2,23 +2,26 @@
 
 Every function here is safe to call on a CPU-only machine: where a CUDA-only piece (Flash varlen attention,
 Liger's Triton kernels) is missing, it returns the portable choice and says so, so the CPU tests run the same
-trainer as a GPU pod. What each choice buys was measured on an H100 (bench/trainer_speed.py, bench/RESULTS.md).
+trainer as a GPU pod. What each choice buys was measured on an H100 and an H200 (bench/trainer_speed.py, bench/RESULTS.md).
 
-The pieces, in the order a trainer uses them:
+`configure(model, ...)` is the one call the trainer makes, after LoRA is added; the pieces it uses:
 
 - `allocator_env()`          set before CUDA starts: expandable segments (varying packed lengths fragment less)
-- `choose_attention(device)` "varlen" (Flash attention over packed rows, no mask) on CUDA, else "sdpa"
-- `apply_kernels(model)`     Liger RMSNorm/SwiGLU/RoPE + fused linear cross-entropy; before peft wraps it
+- `choose_attention(device)` "varlen" (PyTorch's Flash varlen kernel over packed rows, no mask) on CUDA, else "sdpa";
+  `install_packed_boundaries` turns restarting position ids into the kernel's sequence boundaries
+- `apply_kernels(model)`     Liger RMSNorm/SwiGLU/RoPE + fused linear cross-entropy on the base model
 - `prepare_for_kbit_training_lean(model, ...)`  peft's preparation without the fp32 copies of frozen weights
-- `plan_batch(...)`          micro-batch, accumulation and checkpointing from free GPU memory (`batchSize: auto`)
+- `plan_batch(...)`          `batchSize: auto`: packed micro-batch token budget, how many blocks checkpoint, and
+  whether to keep a dequantized copy of the 4-bit weights (`cache_dequantized_weights`), from free GPU memory
+- `compile_layers`, `compile_pays`  torch.compile of the blocks, when the run is long enough to earn it back
 - `flops_per_token(...)`, `mfu(...)`  model FLOPs utilisation as the benchmark reports it
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
