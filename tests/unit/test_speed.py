@@ -220,3 +220,12 @@ def test_configure_is_a_no_op_on_the_cpu():
     assert not setup.owns_checkpointing
     assert setup.to_dict()["plan"] is None
     assert "attention sdpa" in setup.describe()
+
+
+def test_setup_reports_the_plan_it_made():
+    packed = speed.SpeedSetup(attention="varlen", kernels=["rms_norm"], plan=plan(24))
+    assert packed.owns_checkpointing and packed.token_budget == packed.plan.token_budget
+    assert packed.padded_batch is None
+    padded = speed.SpeedSetup(attention="sdpa", kernels=[], plan=plan(24, packed=False))
+    assert padded.padded_batch == (padded.plan.micro_batch, padded.plan.accumulation_steps)
+    assert padded.to_dict()["plan"]["packed"] is False

@@ -819,6 +819,11 @@ class SpeedSetup:
         """True when checkpointing was set per block here: the Trainer must not switch it on for all."""
         return self.plan is not None
 
+    @property
+    def padded_batch(self) -> tuple[int, int] | None:
+        """(micro-batch, accumulation) the plan chose for padded training (`batchSize: auto` without packing)."""
+        return (self.plan.micro_batch, self.plan.accumulation_steps) if self.plan and not self.plan.packed else None
+
     def describe(self) -> str:
         parts = [f"attention {self.attention}", f"kernels {', '.join(self.kernels) or 'none'}"]
         if self.plan:
@@ -853,11 +858,12 @@ def configure(
 
     - packing on a transformers-native model: varlen attention, example boundaries from the position ids;
     - Liger's kernels on the base model where its architecture has them;
-    - `batchSize: auto`: `plan_batch` over the free GPU memory keeps the optimizer batch of
-      2 x gradientAccumulationSteps examples (the guide's micro-batch 2) and chooses the packed micro-batch's
-      token budget, how many blocks recompute (only if `gradient_checkpointing` allows it) and the
-      dequantized weight cache; torch.compile of the blocks when the run is long enough to pay it back.
-    An explicit batchSize keeps the trainer's own budget (batchSize x maxLength) and checkpointing.
+    - with packing, the optimizer batch (batchSize x gradientAccumulationSteps examples; `auto` counts as 2)
+      is a learning setting and the micro-batch a memory detail, so `plan_batch` sizes the packed
+      micro-batch's token budget from the free GPU memory whatever batchSize says, recomputes as few blocks
+      as fit (none unless `gradient_checkpointing` allows it) and keeps a dequantized weight copy where
+      room is left; without packing only `batchSize: auto` is planned (micro-batch and accumulation);
+    - torch.compile of the blocks when the run (`total_steps`) is long enough to pay it back.
     """
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -872,18 +878,19 @@ def configure(
         base.config._attn_implementation = VARLEN
         install_packed_boundaries(base)
         attention = VARLEN
-    will_compile = batch_size == "auto" and packing and compile_pays(total_steps)
+    planned = packing or batch_size == "auto"
+    will_compile = planned and packing and compile_pays(total_steps)
     # Under torch.compile only the fused loss stays Liger's: inductor fuses the norms, RoPE and SwiGLU itself.
     kernels = apply_kernels(base, layer_kernels=not will_compile)
     setup = SpeedSetup(attention=attention, kernels=kernels, plan=None)
-    if batch_size != "auto":
+    if not planned:
         return setup
     shape = ModelShape.from_config(base.config)
     torch.cuda.synchronize(device)
     free, _ = free_gpu_bytes(device)
     held = torch.cuda.memory_allocated(device)
     plan = plan_batch(
-        optimizer_batch=AUTO_REFERENCE_MICRO_BATCH * gradient_accumulation_steps,
+        optimizer_batch=(AUTO_REFERENCE_MICRO_BATCH if batch_size == "auto" else int(batch_size)) * gradient_accumulation_steps,
         max_length=max_length,
         mean_length=(sum(lengths) / len(lengths)) if lengths else max_length / 2,
         budget_bytes=free + held,
