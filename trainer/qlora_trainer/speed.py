@@ -435,8 +435,12 @@ def prepare_for_kbit_training_lean(model: Any, checkpointed_layers: int | None =
 def set_checkpointing(model: Any, checkpointed_layers: int | None) -> Any:
     """Non-reentrant checkpointing on the first `checkpointed_layers` blocks (None: all; 0: off)."""
     if checkpointed_layers == 0:
-        if getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
+        on = getattr(model, "is_activation_checkpointing", None)
+        if on is None:
+            on = getattr(model, "is_gradient_checkpointing", False)
+        if on:
+            off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            off()
         return model
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
