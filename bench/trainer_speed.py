@@ -576,7 +576,7 @@ def cli_check(args) -> list[dict[str, Any]]:
         config = {
             "model": {"name": str(model_dir)},
             "dataset": {"path": str(data), "evalFraction": 0.05},
-            "training": {"epochs": 1, "batchSize": "auto", "evalEvery": 100000, "checkpointEvery": 100000},
+            "training": {"epochs": 1, "evalEvery": 100000, "checkpointEvery": 100000, **json.loads(args.cli_training)},
             "output": {"dir": str(out)},
             "metrics": {"port": 0},
             "terminationMessagePath": str(work / "termination.log"),
@@ -641,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--check", action="store_true", help="check the dequantized-weight cache, then exit")
     parser.add_argument("--cli-packages", default="", help="run the trainer CLI from each of these folders")
+    parser.add_argument("--cli-training", default='{"batchSize": "auto"}', help="JSON merged into the CLI's training section")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -398,6 +398,9 @@ def apply_kernels(model: Any, *, fused_loss: bool = True, layer_kernels: bool = 
         return []
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
+    # Liger logs a warning per optional backend it cannot load (CuTe DSL, Ascend); none is used here.
+    logging.getLogger("liger_kernel").setLevel(logging.ERROR)
+
     model_type = getattr(model.config, "model_type", None)
     apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply is None:
