@@ -3,6 +3,7 @@
     python bench/trainer_speed.py --out .bench-out             # the comparison of issue 7 (CUDA machine)
     python bench/trainer_speed.py --sweep --out .bench-out     # one-process sweep of techniques (CUDA machine)
     python bench/trainer_speed.py --tiny --out /tmp/b          # CPU smoke run of every code path, tiny model
+    python bench/trainer_speed.py --cli-packages trainer        # the real CLI (`python -m qlora_trainer`), one epoch
 
 One run compares, on the same data, seed and GPU, each setting in its own process (so peak memory and the
 global kernel patches of one cannot leak into the next):
@@ -11,14 +12,17 @@ global kernel patches of one cannot leak into the next):
              gradient checkpointing, eager attention, peft's prepare_model_for_kbit_training (fp32 norms and
              embeddings), attention-only LoRA r16/a32/dropout 0.1/rsLoRA, paged AdamW 8-bit, lr 5e-5 cosine,
              max grad norm 0.3, NF4 + double quantization, bf16 compute; the transformers Trainer.
-  defaults   the trainer's defaults with `batchSize: auto`: packing without padding, varlen Flash attention,
-             Liger kernels, no fp32 copies, micro-batch/checkpointing from free GPU memory (speed.plan_batch);
-             the optimizer batch (16 examples), optimizer, schedule and LoRA are the guide's.
+  defaults   the trainer's defaults on the GPU fast path (what speed.configure does): packing without padding,
+             varlen Flash attention, Liger kernels, no fp32 copies, and speed.plan_batch sizing the packed
+             micro-batch, checkpointing and the dequantized weight cache from free GPU memory; the optimizer
+             batch (16 examples), optimizer, schedule and LoRA are the guide's. The product loop: the
+             trainer's QLoRATrainer cuts each step's packed row under the plan's token budget.
   defaults24 the same, with the process capped at 24 GiB (a 3090/4090-class card).
-  lowmem     the trainer's defaults on a 5 GiB card (the process capped at 5 GiB): `batchSize: auto` then
-             chooses checkpointing on every block and the largest micro-batch whose worst case fits.
+  lowmem     the same, capped at 5 GiB: the planner then checkpoints (nearly) every block.
   compiled   (optional) defaults plus torch.compile of the decoder blocks (Liger's fused loss only).
-  explicit2  (optional) the API's literal `batchSize: 2`, packed, varlen, Liger, checkpointing on.
+  defaults-nocache (optional) defaults without the dequantized weight cache.
+  explicit2  (optional) packed micro-batches of 2 x 1024 tokens with checkpointing on every block (the trainer's
+             budget before speed.configure), varlen and Liger.
 
 The model is random-weight with EXAONE-3.5-2.4B's shape as a Llama config (EXAONE 3.5 is Llama-like), saved once
 in bf16 and loaded through the real path: from_pretrained with a BitsAndBytesConfig. The data: 2,000 QA pairs,
