@@ -85,7 +85,7 @@ fi
 free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 health_port=$(free_port)
 metrics_port=$(free_port)
-"$py" -m qlora_operator --namespaces "$ns" --scrape-interval 2 --status-min-interval 1 \
+"$py" -m qlora_operator --namespaces "$ns" --scrape-interval 1 --status-min-interval 0.5 \
     --health-port "$health_port" --metrics-port "$metrics_port" > "$demo/operator.log" 2>&1 &
 operator_pid=$!
 echo "$operator_pid" > "$demo/operator.pid"
@@ -134,14 +134,14 @@ k -n "$ns" create configmap demo-qa --from-file=data.jsonl="$demo/inputs/data.js
 say "ConfigMap demo-qa holds the data set (key data.jsonl)"
 
 # --------------------------------------------------------------------------------------- 4. fine-tune
-step "Applying hack/demo/finetune.yaml (QLoRAFinetune $name: 40 steps, NF4 4-bit, LoRA r=8, on the CPU)"
+step "Applying hack/demo/finetune.yaml (QLoRAFinetune $name: 60 steps, NF4 4-bit, LoRA r=8, on the CPU)"
 if "$kubectl" -n "$ns" get qft "$name" >/dev/null 2>&1; then
     say "deleting the $name of an earlier demo"
     k -n "$ns" delete qft "$name" --wait=true --timeout=90s >/dev/null
 fi
 rm -rf "${adapters_dir:?}/$name"  # an earlier demo's checkpoints would make this run resume at its end
 k -n "$ns" apply -f hack/demo/finetune.yaml
-say "Watching it (kubectl get qft -w). Loading the model takes a few seconds, then each step about a second."
+say "Watching it (kubectl get qft -w). Loading takes a few seconds, then each step well under a second."
 echo
 "$kubectl" -n "$ns" get qft "$name" -w &
 watch_pid=$!

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-SCRAPE_INTERVAL = "1s"
+SCRAPE_INTERVAL = "500ms"
 TRAINER_POD_LABEL = "qlora.io/finetune"
 
 

@@ -31,7 +31,7 @@ def test_make_demo_runs_a_fine_tune_to_the_end(cluster, namespace, tmp_path):
     assert "Running" in phases and phases[-1] == "Succeeded", out[-6000:]
     assert any(re.fullmatch(r"\d+%", row[2]) and row[2] not in ("0%", "100%") for row in rows if len(row) > 3)
     assert "status.outputPath:     pvc://adapters/demo-bot" in out
-    assert re.search(r"steps 40/40, loss [0-9.e-]+, eval loss [0-9.e-]+", out)
+    assert re.search(r"steps 60/60, loss [0-9.e-]+, eval loss [0-9.e-]+", out)
     assert f"Q:      {DEMO_QUESTION}" in out
     after = next(line for line in out.splitlines() if line.strip().startswith("after:"))
     assert after.split("after:", 1)[1].strip()
