@@ -91,7 +91,9 @@ class LocalCluster:
             pytest.skip("image rules exist only on the local cluster")
         path = self.dir / "images.yaml"
         table = json.loads(path.read_text())  # written as JSON, which YAML reads as well
-        rule = {"pattern": pattern, "env": env or {}}
+        rule = {"pattern": pattern, "env": env or {},
+                # the repo and venv stay visible in its pods, as in the agent's own rules
+                "contents": next((r["contents"] for r in table["images"] if r.get("contents")), [])}
         if entrypoint is not None:
             rule["entrypoint"] = entrypoint
         if cmd is not None:

@@ -457,6 +457,7 @@ def default_images(python: str) -> str:
     path = f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     pythonpath = f"{REPO / 'operator'}:{REPO / 'trainer'}:{REPO}"
     base = {"PATH": path, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"}
+    contents = sorted({str(REPO), str(Path(python).parent.parent), os.path.realpath(Path(python).parent.parent)})
     rules = [
         {"pattern": "qlora-operator*", "env": base, "entrypoint": ["python", "-m", "qlora_operator"]},
         {"pattern": "*/qlora-operator:*", "env": base, "entrypoint": ["python", "-m", "qlora_operator"]},
@@ -466,6 +467,10 @@ def default_images(python: str) -> str:
         {"pattern": "*/qlora-trainer", "env": base, "entrypoint": ["python", "-m", "qlora_trainer"]},
         {"pattern": "python:*", "env": base, "cmd": ["python3"]},
         {"pattern": "python", "env": base, "cmd": ["python3"]},
+    ]
+    for rule in rules:
+        rule["contents"] = contents
+    rules += [
         {"pattern": "busybox*", "env": {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
          "cmd": ["sh"]},
     ]

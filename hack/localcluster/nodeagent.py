@@ -84,11 +84,15 @@ class ImageRule:
     entrypoint: tuple = ()
     cmd: tuple = ()
     workingDir: str = ""
+    # Host folders that stand for the image's own files (the repo, the venv): a volume mounted over one
+    # of their parents (an emptyDir at /tmp, say) must not hide them, as it could not in a real image.
+    contents: tuple = ()
 
 
 def parse_image_rules(data: dict) -> list[ImageRule]:
     return [ImageRule(pattern=r["pattern"], env=dict(r.get("env") or {}), entrypoint=tuple(r.get("entrypoint") or ()),
-                      cmd=tuple(r.get("cmd") or ()), workingDir=r.get("workingDir") or "")
+                      cmd=tuple(r.get("cmd") or ()), workingDir=r.get("workingDir") or "",
+                      contents=tuple(r.get("contents") or ()))
             for r in data.get("images") or []]
 
 
@@ -1097,7 +1101,8 @@ class Agent:
         launch_spec = {"root": str(root), "argv": argv, "env": env, "isolate": self.isolate,
                        "cwd": c.spec.get("workingDir") or rule.workingDir or "/",
                        "hostname": spec.get("hostname") or run.pod["metadata"]["name"],
-                       "mounts": [m.__dict__ for m in mounts], "startErrorFile": str(start_error)}
+                       "mounts": [m.__dict__ for m in mounts], "imagePaths": list(rule.contents),
+                       "startErrorFile": str(start_error)}
         spec_file = cdir / f"launch-{c.restarts}.json"
         spec_file.write_text(json.dumps(launch_spec))
         spec_file.chmod(0o600)

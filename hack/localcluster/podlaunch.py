@@ -11,7 +11,7 @@ inside the new namespace, we build the container's view of the filesystem and ex
 - each volume folder is bind-mounted at its mountPath (read-only where asked), then we chroot into the root.
 
 Standard library only (it runs with `-I -S`). Spec keys: root, argv, env, cwd, hostname, mounts
-[{source, target, readOnly}], startErrorFile.
+[{source, target, readOnly}], imagePaths (host folders that are the image's own files), startErrorFile.
 """
 
 import json
@@ -92,6 +92,12 @@ def build_root(spec: dict) -> str:
         run("mount", "--bind", m["source"], target)
         if m.get("readOnly"):
             run("mount", "-o", "remount,bind,ro", target)
+    for path in spec.get("imagePaths", []):
+        # The image's own files, bound again where a volume now hides them (a checkout under /tmp, say).
+        target = in_root(root, path)
+        if not os.path.exists(target):
+            os.makedirs(target)
+            run("mount", "--bind", path, target)
     return root
 
 

@@ -213,6 +213,17 @@ def test_pod_reads_secret_env_and_configmap_file_at_its_mount_path(cluster, kube
     assert not Path("/etc/qlora").exists()  # the mount point exists only inside the pod
 
 
+def test_a_volume_over_the_checkout_does_not_hide_the_image_files(cluster, kubectl):
+    # CI clones under /tmp, where pods mount an emptyDir: the repo and venv stand for the image's own
+    # files and must stay visible under any volume, as they would inside a real image.
+    repo_parent = str(Path(__file__).resolve().parents[2].parent)
+    apply(kubectl, pod("covered", "import qlora_trainer.config, kubernetes; print('IMPORTED')",
+                       container={"volumeMounts": [{"name": "scratch", "mountPath": repo_parent}]},
+                       volumes=[{"name": "scratch", "emptyDir": {}}]))
+    wait_phase(cluster, kubectl, "covered")
+    assert "IMPORTED" in kubectl("logs", "covered").stdout
+
+
 def test_missing_secret_is_a_config_error(cluster, kubectl):
     apply(kubectl, pod("nosecret", "print(1)", container={
         "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]}))
