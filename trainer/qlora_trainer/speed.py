@@ -80,7 +80,8 @@ class ModelShape:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one block, by its Llama name."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return {
             "q_proj": (h, q),
             "k_proj": (h, kv),
@@ -265,7 +266,8 @@ def varlen_attention_forward(
 
     Sequence boundaries come from `cu_seq_lens_q`/`max_length_q` (transformers' DataCollatorWithFlattening with
     `return_flash_attn_kwargs=True`), else from position ids restarting at 0 in a one-row batch; otherwise
-    every row is one sequence, and with a 2D padding mask the padding is dropped first. A key longer than the query (generation with a cache) goes to SDPA.
+    every row is one sequence, and with a 2D padding mask the padding is dropped first. A key longer than the
+    query (generation with a cache), the CPU and attention dropout go to SDPA.
     """
     import torch
 
@@ -290,7 +292,8 @@ def varlen_attention_forward(
         return out.unsqueeze(0), None
     if attention_mask is None:
         cu = torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
-        out = _call_varlen(q.reshape(batch * q_len, *q.shape[2:]), k.reshape(batch * k_len, *k.shape[2:]), v.reshape(batch * k_len, *v.shape[2:]), cu, cu, q_len, q_len, scaling)
+        rows = lambda t: t.reshape(batch * t.shape[1], *t.shape[2:])  # noqa: E731
+        out = _call_varlen(rows(q), rows(k), rows(v), cu, cu, q_len, q_len, scaling)
         return out.view(batch, q_len, *out.shape[1:]), None
     # Padded rows: attend over the real tokens only, scatter back, leave padding positions at zero.
     keep = attention_mask.reshape(-1).bool()
@@ -348,7 +351,8 @@ def install_packed_boundaries(model: Any) -> int:
     count = 0
     for module in model.modules():
         layers = getattr(module, "layers", None)
-        if isinstance(layers, torch.nn.ModuleList) and hasattr(module, "config") and not getattr(module, "_qlora_boundaries", False):
+        stack = isinstance(layers, torch.nn.ModuleList) and hasattr(module, "config")
+        if stack and not getattr(module, "_qlora_boundaries", False):
             module.register_forward_pre_hook(hook, with_kwargs=True)
             module._qlora_boundaries = True
             count += 1
@@ -897,7 +901,8 @@ def configure(
     free, _ = free_gpu_bytes(device)
     held = torch.cuda.memory_allocated(device)
     plan = plan_batch(
-        optimizer_batch=(AUTO_REFERENCE_MICRO_BATCH if batch_size == "auto" else int(batch_size)) * gradient_accumulation_steps,
+        optimizer_batch=(AUTO_REFERENCE_MICRO_BATCH if batch_size == "auto" else int(batch_size))
+        * gradient_accumulation_steps,
         max_length=max_length,
         mean_length=(sum(lengths) / len(lengths)) if lengths else max_length / 2,
         budget_bytes=free + held,
