@@ -188,3 +188,20 @@ def operator(cluster, crd, namespace, request):
     failed = getattr(request.node, "rep_call", None)
     if failed is None or failed.failed:
         print(f"--- operator log ---\n{proc.log()[-8000:]}")
+
+
+def finetune(name: str, image: str | None = None, env: dict | None = None, **spec) -> dict:
+    """A small QLoRAFinetune for the stand-in trainer: the `qa` ConfigMap and `adapters` claim, CPU, 3 steps,
+    no retries; `image` left out means the operator's default trainer image, and `runtime` overrides win."""
+    runtime = {**({"image": image} if image else {}), "backoffLimit": 0, **spec.pop("runtime", {})}
+    if env:
+        runtime["env"] = [{"name": k, "value": str(v)} for k, v in env.items()]
+    body = {
+        "dataset": {"configMap": {"name": "qa", "key": "data.jsonl"}},
+        "output": {"pvc": {"claimName": "adapters", "path": name}},
+        "resources": {"gpus": 0},
+        "training": {"maxSteps": 3},
+        "runtime": runtime,
+        **spec,
+    }
+    return {"apiVersion": "qlora.io/v1alpha1", "kind": "QLoRAFinetune", "metadata": {"name": name}, "spec": body}

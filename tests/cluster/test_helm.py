@@ -31,7 +31,7 @@ from urllib.parse import parse_qs
 import pytest
 import yaml
 
-from tests.cluster.operator_fixture import OperatorProcess, standin_image  # noqa: F401
+from tests.cluster.operator_fixture import OperatorProcess, finetune, standin_image  # noqa: F401
 
 pytestmark = pytest.mark.cluster
 
@@ -110,21 +110,6 @@ def inputs(cluster, ns: str) -> None:
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}))
     cluster.kubectl("create", "secret", "generic", "hf", "--from-literal=HF_TOKEN=hf_notarealtoken0123456789",
                     namespace=ns)
-
-
-def finetune(name: str, env: dict | None = None, **spec) -> dict:
-    runtime = {"backoffLimit": 0, **spec.pop("runtime", {})}
-    if env:
-        runtime["env"] = [{"name": k, "value": str(v)} for k, v in env.items()]
-    body = {
-        "dataset": {"configMap": {"name": "qa", "key": "data.jsonl"}},
-        "output": {"pvc": {"claimName": "adapters", "path": name}},
-        "resources": {"gpus": 0},
-        "training": {"maxSteps": 3},
-        "runtime": runtime,
-        **spec,
-    }
-    return {"apiVersion": "qlora.io/v1alpha1", "kind": "QLoRAFinetune", "metadata": {"name": name}, "spec": body}
 
 
 def apply(cluster, ns: str, obj: dict) -> dict:

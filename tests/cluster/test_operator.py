@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.cluster.operator_fixture import crd, operator, standin_image, start_operator  # noqa: F401
+from tests.cluster.operator_fixture import crd, finetune, operator, standin_image, start_operator  # noqa: F401
 
 pytestmark = pytest.mark.cluster
 
@@ -27,21 +27,6 @@ def inputs(cluster, kubectl):
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}))
     cluster.wait_until(lambda: kubectl.json("get", "pvc", "adapters")["status"].get("phase") == "Bound",
                        timeout=60, what="the output volume to be bound")
-
-
-def finetune(name: str, image: str, env: dict | None = None, **spec) -> dict:
-    runtime = {"image": image, "backoffLimit": 0, **spec.pop("runtime", {})}
-    if env:
-        runtime["env"] = [{"name": k, "value": str(v)} for k, v in env.items()]
-    body = {
-        "dataset": {"configMap": {"name": "qa", "key": "data.jsonl"}},
-        "output": {"pvc": {"claimName": "adapters", "path": name}},
-        "resources": {"gpus": 0},
-        "training": {"maxSteps": 3},
-        "runtime": runtime,
-    }
-    body.update(spec)
-    return {"apiVersion": "qlora.io/v1alpha1", "kind": "QLoRAFinetune", "metadata": {"name": name}, "spec": body}
 
 
 def apply(kubectl, obj: dict) -> None:
