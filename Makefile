@@ -27,6 +27,10 @@ test: venv ## Run every test: unit, local cluster, end to end (GPU tests skip wi
 test-unit: venv ## Run the unit tests only (no cluster)
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
 
+.PHONY: test-e2e
+test-e2e: venv ## Run the end-to-end tests only (operator + real trainer on the local cluster)
+	$(PY) -m pytest -ra -m e2e $(PYTEST_ARGS)
+
 .PHONY: cluster
 cluster: venv ## Start the local Kubernetes control plane and node agent (idempotent)
 	$(PY) hack/localcluster/localcluster.py up --dir $(CLUSTER_DIR)
@@ -34,6 +38,10 @@ cluster: venv ## Start the local Kubernetes control plane and node agent (idempo
 .PHONY: cluster-down
 cluster-down: ## Stop the local cluster and remove its state
 	@if [ -x $(PY) ]; then $(PY) hack/localcluster/localcluster.py down --dir $(CLUSTER_DIR); fi
+
+.PHONY: cluster-status
+cluster-status: venv ## Show the local cluster's components and their memory
+	$(PY) hack/localcluster/localcluster.py status --dir $(CLUSTER_DIR)
 
 .PHONY: crds
 crds: venv ## Regenerate crds/ (and the chart's copy) from the pydantic API models
