@@ -44,6 +44,9 @@ def _config_error(err: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .speed import allocator_env
+
+    allocator_env()  # before anything starts CUDA
     parser = argparse.ArgumentParser(prog="python -m qlora_trainer", description=__doc__)
     parser.add_argument("--config", help="JSON or YAML config file (default: the QLORA_CONFIG variable)")
     args = parser.parse_args(argv)

@@ -216,7 +216,7 @@ def supports_packing(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     native = type(base).__module__.startswith("transformers.")
     attention = getattr(base.config, "_attn_implementation", None) or ""
-    return native and any(a in attention for a in ("sdpa", "eager", "flash", "flex"))
+    return native and any(a in attention for a in ("sdpa", "eager", "flash", "flex", "varlen"))
 
 
 def load_model(cfg: TrainerConfig):

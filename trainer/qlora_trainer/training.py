@@ -27,6 +27,7 @@ from .config import TrainerConfig
 from .contract import Metric, Phase
 from .data import collator, prepare_data, split_packed
 from .errors import InvalidConfig
+from . import speed
 from .metrics import MetricsCallback, TrainerMetrics
 from .model import load_model, supports_packing
 
@@ -247,13 +248,27 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
         "data: %d records (%s), %d train / %d eval examples, %d truncated at %d tokens, %d skipped without answer",
         s.records, s.format, s.train_examples, s.eval_examples, s.truncated, cfg.training.max_length, s.skipped_no_answer,
     )
-    if cfg.training.batch_size == "auto":
-        log.info("batchSize auto: using %d per device (sizing from GPU memory is not implemented yet)", micro_batch_size(cfg))
     packing = cfg.training.packing and supports_packing(model)
     if cfg.training.packing and not packing:
         log.warning("packing is off: this model's attention (remote code?) cannot read packed rows; padding instead")
+    t = cfg.training
+    fast = speed.configure(
+        model,
+        batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_length=t.max_length,
+        lengths=[len(x["input_ids"]) for x in data.train],
+        gradient_checkpointing=t.gradient_checkpointing,
+        packing=packing,
+        total_steps=t.max_steps or t.epochs * -(-len(data.train) // (micro_batch_size(cfg) * t.gradient_accumulation_steps)),
+    )
+    log.info("speed: %s", fast.describe())
     resume = last_valid_checkpoint(Path(cfg.output.dir) / CHECKPOINTS)
     args = training_arguments(cfg, has_eval=bool(data.eval), packing=packing, eval_on_start=resume is None)
+    if fast.owns_checkpointing:
+        args.activation_checkpointing = False  # speed.configure set it per block
+    if fast.padded_batch:
+        args.per_device_train_batch_size, args.gradient_accumulation_steps = fast.padded_batch
     callback = MetricsCallback(metrics, log_every=max(1, (cfg.training.max_steps or 100) // 100))
     trainer = QLoRATrainer(
         model=model,
@@ -263,7 +278,7 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
         data_collator=collator(tokenizer, packing),
         processing_class=tokenizer,
         callbacks=[callback, stop],
-        token_budget=micro_batch_size(cfg) * cfg.training.max_length if packing else None,
+        token_budget=(fast.token_budget or micro_batch_size(cfg) * cfg.training.max_length) if packing else None,
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback writes the log lines
     if resume is not None:
