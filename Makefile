@@ -6,6 +6,9 @@ PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)
 CLUSTER_DIR ?= .localcluster
 PYTEST_ARGS ?=
+# Tests against real processes (control plane, trainer subprocesses) race the clock on a loaded machine:
+# a failure is retried twice, and every retry is shown in the summary (-ra: R lines).
+RERUNS ?= --reruns 2 --reruns-delay 5
 
 .PHONY: help
 help: ## List the commands
@@ -21,7 +24,7 @@ demo: venv ## Bring up the local cluster and run a demo fine-tune end to end
 
 .PHONY: test
 test: venv ## Run every test: unit, local cluster, end to end (GPU tests skip without a GPU)
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra $(RERUNS) $(PYTEST_ARGS)
 
 .PHONY: test-unit
 test-unit: venv ## Run the unit tests only (no cluster)
