@@ -425,20 +425,32 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int) -> P
 # ---------------------------------------------------------------- batches
 
 
-def collator(tokenizer, packing: bool):
+# What DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds: each example's boundaries in the row.
+BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def collator(tokenizer, packing: bool, boundaries: bool = False):
     """Padded batches, or with `packing` every example of the batch in one row: position ids restart per
-    example and the first label of each is masked, so attention and loss stay per example."""
+    example and the first label of each is masked, so attention and loss stay per example. With `boundaries`
+    a packed batch also carries each example's boundaries (`BOUNDARY_KEYS`), as varlen attention reads them,
+    worked out on the CPU while collating: the GPU step then reads nothing back to find them."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return DataCollatorWithFlattening(
+            return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=boundaries
+        )
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
 def split_packed(batch: dict, token_budget: int) -> list[dict]:
     """Cut a packed one-row batch at example boundaries into micro-batches of at most `token_budget` tokens
-    (an example longer than the budget gets one to itself)."""
+    (an example longer than the budget gets one to itself). A row within the budget is returned as it is,
+    without reading its positions back from the GPU; cut parts leave out the whole row's `BOUNDARY_KEYS` (the
+    attention works each part's out from its position ids)."""
     positions = batch["position_ids"][0]
+    if positions.numel() <= token_budget:
+        return [batch]
     starts = (positions == 0).nonzero().flatten().tolist() + [positions.numel()]
     chunks, begin = [], 0
     for here, after in zip(starts[1:-1], starts[2:]):
@@ -448,4 +460,5 @@ def split_packed(batch: dict, token_budget: int) -> list[dict]:
     chunks.append((begin, starts[-1]))
     if len(chunks) == 1:
         return [batch]
-    return [{k: (v[:, a:b] if hasattr(v, "dim") and v.dim() == 2 else v) for k, v in batch.items()} for a, b in chunks]
+    row = {k: v for k, v in batch.items() if k not in BOUNDARY_KEYS}
+    return [{k: (v[:, a:b] if hasattr(v, "dim") and v.dim() == 2 else v) for k, v in row.items()} for a, b in chunks]

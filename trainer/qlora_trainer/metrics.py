@@ -26,7 +26,7 @@ _HELP = {
     Metric.STEP: "Optimizer steps done.",
     Metric.TOTAL_STEPS: "Optimizer steps this run will take.",
     Metric.EPOCH: "Epochs done (fractional).",
-    Metric.LOSS: "Last training loss (mean per answer token over an optimizer step).",
+    Metric.LOSS: "Last training loss logged (mean per answer token over the optimizer steps since the log before).",
     Metric.EVAL_LOSS: "Last evaluation loss.",
     Metric.LEARNING_RATE: "Learning rate of the last step.",
     Metric.GRAD_NORM: "Gradient norm of the last step, before clipping.",

@@ -10,6 +10,7 @@ import pytest
 
 from qlora_trainer.config import DatasetConfig
 from qlora_trainer.data import (
+    BOUNDARY_KEYS,
     IGNORE_INDEX,
     collator,
     detect_format,
@@ -262,6 +263,30 @@ def test_packed_batch_has_the_same_loss_as_the_padded_batch(tiny_model_dir, toke
     with torch.no_grad():
         total = sum(model(**p, use_cache=False, num_items_in_batch=answer_tokens).loss for p in parts)
     assert torch.allclose(total, padded_loss, atol=1e-4)
+
+
+def test_packed_batches_carry_the_example_boundaries_and_a_row_within_the_budget_is_not_read_back():
+    import torch
+
+    examples = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (4, 7, 3)]
+    batch = collator(None, packing=True, boundaries=True)(examples)
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 4, 11, 14]
+    assert batch["max_length_q"] == batch["max_length_k"] == 7
+    assert "cu_seq_lens_q" not in collator(None, packing=True)(examples)
+
+    class Unreadable(torch.Tensor):
+        """Position ids whose values may not be looked at (on a GPU, looking means waiting for it)."""
+
+        def __eq__(self, other):
+            raise AssertionError("positions read back")
+
+    fits = dict(batch, position_ids=batch["position_ids"].as_subclass(Unreadable))
+    assert split_packed(fits, token_budget=14) == [fits]
+    parts = split_packed(batch, token_budget=11)
+    assert [p["input_ids"].shape[1] for p in parts] == [11, 3]
+    # The whole row's boundaries do not describe a part: the attention works them out from its positions.
+    assert all(not set(BOUNDARY_KEYS) & set(p) for p in parts)
+    assert parts[1]["position_ids"].tolist() == [[0, 1, 2]]
 
 
 def test_hub_dataset_that_cannot_load_offline_says_so(tokenizer, monkeypatch):
