@@ -13,7 +13,8 @@ global kernel patches of one cannot leak into the next):
              embeddings), attention-only LoRA r16/a32/dropout 0.1/rsLoRA, paged AdamW 8-bit, lr 5e-5 cosine,
              max grad norm 0.3, NF4 + double quantization, bf16 compute; the transformers Trainer.
   defaults   the trainer's defaults on the GPU fast path (what speed.configure does): packing without padding,
-             varlen Flash attention, Liger kernels, no fp32 copies, and speed.plan_batch sizing the packed
+             varlen Flash attention with the boundaries from the collator, Liger's SwiGLU/RoPE/fused loss,
+             PyTorch's fused RMSNorm, the lean LoRA forward, no fp32 copies, and speed.plan_batch sizing the packed
              micro-batch, checkpointing and the dequantized weight cache from free GPU memory; the optimizer
              batch (16 examples), optimizer, schedule and LoRA are the guide's. The product loop: the
              trainer's QLoRATrainer cuts each step's packed row under the plan's token budget.
@@ -50,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer"))
 
 from qlora_trainer import speed  # noqa: E402  (torch-free at import)
+from qlora_trainer.data import collator as data_collator  # noqa: E402
 
 EXAONE_SHAPE = dict(
     hidden_size=2560,
@@ -287,10 +289,12 @@ def run_setting(name: str, args) -> dict[str, Any]:
         speed.prepare_for_kbit_training_lean(model, plan.checkpointed_layers)
         micro, accum, ckpt_trainer = plan.micro_batch, plan.accumulation_steps, False
         token_budget = plan.token_budget
-        # Position ids only (what the trainer's collator sends); the boundaries hook makes the flash kwargs.
-        collator = speed.packing_collator("sdpa")
+        # The trainer's collator: with varlen attention it hands over the examples' boundaries too.
+        collator = data_collator(None, packing=True, boundaries=attention == speed.VARLEN)
         speed.install_packed_boundaries(model)
     model = get_peft_model(model, lora_config())
+    if name != "guide" and cuda:
+        result["lean_lora_layers"] = speed.use_lean_lora(model)
     if name.startswith("compiled"):
         result["compiled_layers"] = speed.compile_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -304,13 +308,19 @@ def run_setting(name: str, args) -> dict[str, Any]:
     counting = CountingCollator(collator)
     steps_epoch = math.ceil(len(train) / (micro * accum))
     max_steps = args.max_steps if (args.max_steps and name not in args.full_epoch) else -1
-    marks: list[tuple[float, int]] = []
+    marks: list[tuple[Any, int]] = []
 
     class Clock(TrainerCallback):
+        """The end of each step on the GPU's timeline (a CUDA event: no host sync, which would itself cost
+        the overlap of one step's issue with the last one's run), with the tokens handed out by then."""
+
         def on_step_end(self, targs, state, control, **kw):
             if cuda:
-                torch.cuda.synchronize()
-            marks.append((time.perf_counter(), counting.tokens))
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                marks.append((event, counting.tokens))
+            else:
+                marks.append((time.perf_counter(), counting.tokens))
 
     optim = "paged_adamw_8bit" if cuda else "adamw_torch"
     targs = TrainingArguments(
@@ -328,6 +338,7 @@ def run_setting(name: str, args) -> dict[str, Any]:
         bf16=True,
         gradient_checkpointing=ckpt_trainer,
         logging_steps=10,
+        logging_nan_inf_filter=name == "guide",  # the trainer turns the filter's per-step host sync off
         save_strategy="no",
         eval_strategy="no",
         report_to=[],
@@ -360,7 +371,8 @@ def run_setting(name: str, args) -> dict[str, Any]:
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / speed.GIB
     warm = min(args.warmup_steps + (3 if name.startswith("compiled") else 0), max(0, len(marks) - 2))
     (t_a, n_a), (t_b, n_b) = marks[warm], marks[-1]
-    tps = (n_b - n_a) / (t_b - t_a) if t_b > t_a else float("nan")
+    seconds = t_a.elapsed_time(t_b) / 1e3 if cuda else t_b - t_a
+    tps = (n_b - n_a) / seconds if seconds > 0 else float("nan")
     result.update(window_steps=len(marks) - 1 - warm, window_tokens=n_b - n_a, tokens_per_s=tps)
     result["epoch_measured"] = steps_run >= steps_epoch
     result["epoch_wall_s"] = wall if result["epoch_measured"] else result["useful_tokens_epoch"] / tps
@@ -422,7 +434,7 @@ def sweep(args) -> list[dict[str, Any]]:
             feats.append(ex)
             n += len(ex["input_ids"])
             cursor[0] += 1
-        b = speed.packing_collator(speed.VARLEN)(feats)
+        b = data_collator(None, packing=True, boundaries=True)(feats)
         return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in b.items()}, [len(f["input_ids"]) for f in feats]
 
     def set_ckpt(mode):
@@ -539,7 +551,8 @@ def check_dense(args) -> None:
     train, _ = make_dataset(64, args.max_length, shape.vocab_size)
     attention = speed.choose_attention(device)
     model = load_4bit(args.model_dir, attention, device)
-    batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in speed.packing_collator(attention)(train[:16]).items()}
+    collate = data_collator(None, packing=True, boundaries=attention == speed.VARLEN)
+    batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in collate(train[:16]).items()}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         ref = model(**batch).logits.float()
         added = speed.cache_dequantized_weights(model)

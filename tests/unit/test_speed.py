@@ -174,6 +174,107 @@ def test_lean_preparation_freezes_without_upcasting_and_checkpoints_the_first_bl
     assert not any(layer.gradient_checkpointing for layer in speed.decoder_layers(off))
 
 
+def test_native_rms_norm_computes_the_llama_norm_and_leaves_other_norms_alone():
+    import torch
+
+    class OnePlusWeightRMSNorm(torch.nn.Module):  # Gemma's arithmetic: x / rms * (1 + weight)
+        def __init__(self, size):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(size))
+            self.eps = 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+    model = tiny_llama().to(torch.bfloat16)
+    for module in model.modules():
+        if hasattr(module, "variance_epsilon"):
+            torch.nn.init.normal_(module.weight, 1.0, 0.3)
+    model.add_module("other_norm", OnePlusWeightRMSNorm(32))
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+    assert speed.use_native_rms_norm(model) == 2 * 2 + 1  # two per block, one final
+    assert "forward" not in vars(model.other_norm)
+    speed.prepare_for_kbit_training_lean(model, 0)
+    embeddings = model.get_input_embeddings()
+    embeddings.weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert torch.allclose(out.logits.float(), before, rtol=0.05, atol=0.05)
+    assert embeddings.weight.grad is not None and model.model.norm.weight.grad is None
+
+
+def lora_llama(dropout: float):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama().to(torch.bfloat16)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = get_peft_model(model, lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; a trained adapter has not
+            torch.nn.init.normal_(param, std=0.1)
+    return model
+
+
+def loss_and_grads(model, ids, autocast: bool, seed: int = 1):
+    import torch
+
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout draw for every run
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_lora_computes_what_peft_computes(dropout):
+    import copy
+
+    import torch
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = lora_llama(dropout)
+    exact = copy.deepcopy(model).float()
+    _, truth = loss_and_grads(exact, ids, autocast=False)
+    peft_loss, peft_grads = loss_and_grads(model, ids, autocast=True)
+    assert speed.use_lean_lora(model) == 2 * 4
+    lean_loss, lean_grads = loss_and_grads(model, ids, autocast=True)
+
+    def error(grads):
+        flat = lambda g: torch.cat([g[n].flatten() for n in truth])  # noqa: E731
+        return float((flat(grads) - flat(truth)).norm() / flat(truth).norm())
+
+    # bf16 rounding either way (a few per cent): the lean forward is about as close to the fp32 arithmetic as
+    # peft's own; a wrong scaling, a missing dropout mask or a lost gradient would be off by tens of per cent.
+    assert lean_loss == pytest.approx(peft_loss, rel=1e-3)
+    assert error(peft_grads) < 0.05
+    assert error(lean_grads) <= 2 * error(peft_grads) + 0.01
+
+
+def test_lean_lora_leaves_every_other_state_to_peft():
+    import torch
+
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    model = lora_llama(0.1).eval()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits  # no autocast: peft's own forward, before and after
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    speed.use_lean_lora(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain)
+        with model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.allclose(model(input_ids=ids).logits.float(), base.float(), atol=0.05)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, base)
+    assert speed.use_lean_lora(model) == 0  # once per layer
+
+
 def test_packed_boundaries_from_restarting_positions():
     import torch
 

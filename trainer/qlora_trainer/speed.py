@@ -9,10 +9,11 @@ trainer as a GPU pod. What each choice buys was measured on an H100 and an H200 
 - `allocator_env()`          set before CUDA starts: expandable segments (varying packed lengths fragment less)
 - `choose_attention(device)` "varlen" (PyTorch's Flash varlen kernel over packed rows, no mask) on CUDA, else "sdpa";
   `install_packed_boundaries` turns restarting position ids into the kernel's sequence boundaries
-- `apply_kernels(model)`     Liger RMSNorm/SwiGLU/RoPE + fused linear cross-entropy on the base model
+- `apply_kernels(model)`     Liger SwiGLU/RoPE + fused linear cross-entropy, PyTorch's fused RMSNorm, on the base model
 - `prepare_for_kbit_training_lean(model, ...)`  peft's preparation without the fp32 copies of frozen weights
 - `plan_batch(...)`          `batchSize: auto`: packed micro-batch token budget, how many blocks checkpoint, and
   whether to keep a dequantized copy of the 4-bit weights (`cache_dequantized_weights`), from free GPU memory
+- `use_lean_lora(model)`    peft's LoRA layers with less Python per call (B, scaling and sum in one addmm)
 - `compile_layers`, `compile_pays`  torch.compile of the blocks, when the run is long enough to earn it back
 - `flops_per_token(...)`, `mfu(...)`  model FLOPs utilisation as the benchmark reports it
 """
@@ -23,6 +24,7 @@ import inspect
 import logging
 import math
 import os
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -370,14 +372,6 @@ def _dense_mask(mask_2d: Any, q_len: int, k_len: int, dtype: Any) -> Any:
     return (causal[None, None] & mask_2d[:, None, None, -k_len:].bool())
 
 
-def packing_collator(attention: str) -> Any:
-    """transformers' padding-free collator: one packed row per micro-batch, positions restarting per example;
-    with varlen attention it also hands over the sequence boundaries."""
-    from transformers import DataCollatorWithFlattening
-
-    return DataCollatorWithFlattening(return_flash_attn_kwargs=attention == VARLEN, return_position_ids=True)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Kernels and k-bit preparation
 
@@ -391,15 +385,25 @@ def liger_available() -> bool:
 
 
 def apply_kernels(model: Any, *, fused_loss: bool = True, layer_kernels: bool = True) -> list[str]:
-    """Swap in Liger's fused kernels where the model's architecture has them; returns what was applied.
+    """Swap in fused kernels where the model's architecture has them; returns what was applied.
 
-    Call before peft wraps the model. Only on CUDA (the kernels are Triton): on the CPU, or for an architecture
-    Liger does not know (EXAONE 3.x's remote code), nothing changes and the list is empty. The fused linear
+    Call before peft wraps the model. Only on CUDA: on the CPU nothing changes and the list is empty. Liger's
+    Triton kernels for SwiGLU, RoPE and the loss where Liger knows the architecture (not EXAONE 3.x's remote
+    code); PyTorch's own fused RMSNorm for any architecture whose norm it reproduces. The fused linear
     cross-entropy never materialises the (tokens x 102k) logits: the largest single saving in memory.
+    `layer_kernels=False` (under torch.compile, which fuses the blocks itself) keeps only the loss.
     """
     device = next(model.parameters()).device
-    if device.type != "cuda" or not liger_available():
+    if device.type != "cuda":
         return []
+    applied = _apply_liger(model, fused_loss=fused_loss, layer_kernels=layer_kernels) if liger_available() else []
+    # Liger's RMSNorm costs several times more host time to launch than PyTorch's fused one, on a host-bound step.
+    if layer_kernels and use_native_rms_norm(model):
+        applied.append("rms_norm")
+    return applied
+
+
+def _apply_liger(model: Any, *, fused_loss: bool, layer_kernels: bool) -> list[str]:
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     # Liger logs a warning per optional backend it cannot load (CuTe DSL, Ascend); none is used here.
@@ -412,7 +416,7 @@ def apply_kernels(model: Any, *, fused_loss: bool = True, layer_kernels: bool = 
         return []
     wanted = {
         "rope": layer_kernels,
-        "rms_norm": layer_kernels,
+        "rms_norm": False,  # use_native_rms_norm instead
         "swiglu": layer_kernels,
         "fused_linear_cross_entropy": fused_loss,
         "cross_entropy": not fused_loss,
@@ -421,6 +425,60 @@ def apply_kernels(model: Any, *, fused_loss: bool = True, layer_kernels: bool = 
     kwargs = {k: v for k, v in wanted.items() if k in params}
     apply(model=model, **kwargs)
     return [k for k, v in kwargs.items() if v]
+
+
+def use_native_rms_norm(model: Any) -> int:
+    """Run the model's RMSNorm layers through PyTorch's fused `rms_norm` (one operator and one kernel each
+    way, which skips the frozen weight's gradient) instead of their own few elementwise operators; returns how
+    many layers. A layer class is switched only after one of its layers gave the same output both ways on a
+    random input, so a norm with other arithmetic (Gemma's 1 + weight, say) keeps its own forward."""
+    import torch
+
+    matches: dict[type, bool] = {}
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        weight = getattr(module, "weight", None)
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if "RMSNorm" not in cls.__name__ or "forward" in module.__dict__ or not isinstance(eps, float):
+            continue
+        if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
+            continue
+        if cls not in matches:
+            matches[cls] = _native_rms_norm_matches(module, eps)
+        if matches[cls]:
+            module._qlora_eps = eps
+            module.forward = types.MethodType(_native_rms_norm_forward, module)
+            count += 1
+    return count
+
+
+def _native_rms_norm_matches(module: Any, eps: float) -> bool:
+    import torch
+
+    weight = module.weight
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(8, weight.numel(), device=weight.device, dtype=weight.dtype, generator=generator) * 3
+    with torch.no_grad():
+        try:
+            own = module(x).float()
+        except Exception:  # noqa: BLE001 - a norm that wants more than the hidden states keeps its forward
+            return False
+        native = torch.nn.functional.rms_norm(x, weight.shape, weight, eps).float()
+    return bool(torch.allclose(own, native, rtol=2e-2, atol=2e-2))
+
+
+def _native_rms_norm_forward(self: Any, hidden_states: Any) -> Any:
+    import torch
+
+    if hidden_states.dtype != self.weight.dtype:
+        return type(self).forward(self, hidden_states)
+    device = hidden_states.device.type
+    if torch.is_autocast_enabled(device):
+        # Autocast may run norms in fp32; the layer's own forward returns the input dtype.
+        with torch.autocast(device, enabled=False):
+            return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self._qlora_eps)
+    return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self._qlora_eps)
 
 
 def prepare_for_kbit_training_lean(model: Any, checkpointed_layers: int | None = 0) -> Any:
@@ -491,8 +549,6 @@ def cache_dequantized_weights(model: Any) -> int:
     weights: the adapter, checkpoints and merges never see the copy. Call `drop_dequantized_weights`
     before merging an adapter into the base. Returns the bytes added; 0 on the CPU or without bitsandbytes.
     """
-    import types
-
     try:
         import bitsandbytes as bnb
         from bitsandbytes.functional import dequantize_4bit
@@ -530,6 +586,52 @@ def drop_dequantized_weights(model: Any) -> int:
             module.__dict__.pop("forward", None)
             restored += 1
     return restored
+
+
+def use_lean_lora(model: Any) -> int:
+    """Give peft's LoRA linear layers a forward with less Python in it; returns how many layers.
+
+    peft runs base, a defensive copy of its output, dropout, A and B as modules, then a scaling multiply and an
+    add; here the base, dropout and A run as before and B, the scaling and the sum are one `addmm`, all of it
+    ordinary operators that autograd differentiates in C++ (a Python autograd function would move the backward
+    into Python, which measured no faster). Same dropout draw, same bf16 products; the sum is rounded once
+    instead of three times. Runs only under autocast (the GPU training path); a layer in any other state
+    (adapters disabled or merged, several active adapters, DoRA or another variant, a LoRA bias, extra
+    arguments) runs peft's own forward, call by call."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return 0
+    import torch
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or "forward" in module.__dict__ or not hasattr(module, "lora_A"):
+            continue
+        if isinstance(module.get_base_layer(), torch.nn.Linear):
+            module.forward = types.MethodType(_lean_lora_forward, module)
+            count += 1
+    return count
+
+
+def _lean_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    active = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    if name not in self.lora_A or name in self.lora_variant or not torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x, *args, **kwargs)
+    lora_b = self.lora_B[name]
+    if lora_b.bias is not None or type(self.lora_A[name]) is not torch.nn.Linear:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    h = torch.nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight)
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=self.scaling[name]
+    )
+    return out.view(result.shape)
 
 
 def compile_layers(model: Any, mode: str | None = None) -> int:
@@ -582,16 +684,17 @@ class MemoryModel:
 @dataclass(frozen=True)
 class SpeedModel:
     """Seconds per micro-batch of T packed tokens: the larger of the host's time to issue the step and the
-    GPU's time to run it, each longer by the recomputed share. Measured on an H100 with EXAONE-2.4B's shape
-    (bench/RESULTS.md): issuing one forward+backward of a 4-bit peft model costs about 0.4 s of host time
-    whatever T is, so a micro-batch below ~16k tokens is host-bound and larger micro-batches are nearly free.
+    GPU's time to run it, each longer by the recomputed share. Measured on an H100 and H200s with EXAONE-2.4B's
+    shape (bench/RESULTS.md): issuing one forward+backward of a 4-bit peft model costs about 0.4 s of host time
+    whatever T is (0.22 s with the dequantized weight cache, the fused RMSNorm and the Trainer's per-step walks
+    gone; 0.18 s compiled), so a micro-batch below ~10k tokens is host-bound and larger ones are nearly free.
     GPU seconds per token are scaled by matmul parameters from the 2.4B measurement.
     """
 
     host_s: float = 0.42
-    host_s_dense: float = 0.29
-    host_s_compiled: float = 0.22
-    compile_s: float = 95.0
+    host_s_dense: float = 0.22
+    host_s_compiled: float = 0.18
+    compile_s: float = 75.0
     host_recompute: float = 0.35
     gpu_s_per_token_2b4: float = 24.5e-6
     gpu_recompute: float = 0.5
@@ -615,8 +718,8 @@ class SpeedModel:
 def compile_pays(total_steps: int, micro_batches_per_step: int = 1, speed: SpeedModel = SpeedModel()) -> bool:
     """Whether torch.compile of the blocks earns back its warm-up over the run (host-bound micro-batches only).
 
-    Measured on an H100 with EXAONE-2.4B's shape: compiling costs about 95 s once and saves about 0.07 s a
-    micro-batch, so it pays from roughly 1,400 micro-batches (eleven epochs of 2,000 examples at 16 a step)."""
+    Measured on an H200 with EXAONE-2.4B's shape: compiling costs about 75 s once and saves about 0.04 s a
+    micro-batch, so it pays from roughly 1,900 micro-batches (sixteen epochs of 2,000 examples at 16 a step)."""
     saved = (speed.host_s_dense - speed.host_s_compiled) * total_steps * micro_batches_per_step
     return saved > speed.compile_s
 
@@ -818,6 +921,7 @@ class SpeedSetup:
     plan: BatchPlan | None
     dense_weight_bytes: int = 0
     compiled_layers: int = 0
+    lean_lora_layers: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -839,6 +943,8 @@ class SpeedSetup:
         parts = [f"attention {self.attention}", f"kernels {', '.join(self.kernels) or 'none'}"]
         if self.plan:
             parts.append(self.plan.describe())
+        if self.lean_lora_layers:
+            parts.append(f"lean forward in {self.lean_lora_layers} LoRA layers")
         if self.compiled_layers:
             parts.append(f"{self.compiled_layers} blocks compiled")
         return "; ".join(parts + self.notes)
@@ -850,6 +956,7 @@ class SpeedSetup:
             "plan": self.plan.to_dict() if self.plan else None,
             "denseWeightBytes": self.dense_weight_bytes,
             "compiledLayers": self.compiled_layers,
+            "leanLoraLayers": self.lean_lora_layers,
         }
 
 
@@ -874,6 +981,7 @@ def configure(
       micro-batch's token budget from the free GPU memory whatever batchSize says, recomputes as few blocks
       as fit (none unless `gradient_checkpointing` allows it) and keeps a dequantized weight copy where
       room is left; without packing only `batchSize: auto` is planned (micro-batch and accumulation);
+    - peft's LoRA layers with a leaner forward (`use_lean_lora`);
     - torch.compile of the blocks when the run (`total_steps`) is long enough to pay it back.
     """
     device = next(model.parameters()).device
@@ -895,6 +1003,7 @@ def configure(
     kernels = apply_kernels(base, layer_kernels=not will_compile)
     setup = SpeedSetup(attention=attention, kernels=kernels, plan=None)
     if not planned:
+        setup.lean_lora_layers = use_lean_lora(model)
         return setup
     shape = ModelShape.from_config(base.config)
     torch.cuda.synchronize(device)
@@ -917,6 +1026,7 @@ def configure(
     if plan.dense_weights:
         setup.dense_weight_bytes = cache_dequantized_weights(base)
     set_checkpointing(base, plan.checkpointed_layers)
+    setup.lean_lora_layers = use_lean_lora(model)
     if will_compile:
         setup.compiled_layers = compile_layers(base)
     return setup
