@@ -3,8 +3,9 @@
     python bench/step_anatomy.py --out .bench-out
 
 One process, the defaults' model (EXAONE-3.5-2.4B's shape in NF4 with the dequantized weight cache, varlen
-attention, the fused kernels of speed.apply_kernels, LoRA r16 on q/k/v/o with dropout 0.1 and the lean forward) and the defaults'
-step: 16 QA pairs of the benchmark's data packed into one row, forward, backward, gradient clipping, optimizer.
+attention, the fused kernels of speed.apply_kernels, LoRA r16 on q/k/v/o with dropout 0.1 and the lean forward)
+and the defaults' step: 16 QA pairs of the benchmark's data packed into one row (its boundaries from the
+trainer's collator), forward, backward, gradient clipping, optimizer.
 
   eager          a hand-written loop (no Trainer): only the model and the optimizer
   eager-peft     the same with peft's own LoRA forward instead of speed.use_lean_lora's
@@ -12,7 +13,8 @@ step: 16 QA pairs of the benchmark's data packed into one row, forward, backward
   eager+adamw    the same with fused AdamW instead of paged AdamW 8-bit (what the optimizer costs)
   trainer-asis   the product's QLoRATrainer as it was: the Trainer's per-step NaN filter (a host sync every
                  micro-batch), parameter count, clipping over every parameter and training-mode walk
-  trainer        QLoRATrainer as training.py runs it (logging every step, as the product does)
+  trainer        QLoRATrainer as training.py runs it, logging every step (as the product does in a run of up
+                 to 100 steps; a longer one logs a hundred times)
   trainer-log10  the same, logging every 10th step
 
 For each: ms per step (the eager loop with one synchronisation per step and without, so host and GPU overlap
@@ -35,7 +37,17 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from qlora_trainer import speed  # noqa: E402
 from qlora_trainer.data import collator as data_collator  # noqa: E402
-from trainer_speed import EXAONE_SHAPE, TARGETS, TINY_SHAPE, build_model_dir, load_4bit, lora_config, make_dataset  # noqa: E402
+from trainer_speed import (  # noqa: E402
+    EXAONE_SHAPE,
+    TARGETS,
+    TINY_SHAPE,
+    build_model_dir,
+    load_4bit,
+    lora_config,
+    make_dataset,
+)
+
+VARIANTS = "eager,eager-peft,eager-liger-norm,eager+adamw,trainer-asis,trainer,trainer-log10"
 
 
 def main(argv=None) -> int:
@@ -43,7 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / ".bench-out")
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--variants", default="eager,eager-peft,eager-liger-norm,eager+adamw,trainer-asis,trainer,trainer-log10")
+    parser.add_argument("--variants", default=VARIANTS)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run of the eager variants, tiny model")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -67,20 +79,21 @@ def main(argv=None) -> int:
     speed.cache_dequantized_weights(model)
     speed.prepare_for_kbit_training_lean(model, 0)
     model = get_peft_model(model, lora_config())
-    lean = speed.use_lean_lora(model) if device.startswith("cuda") else 0
+    cuda = device.startswith("cuda")
+    lean = speed.use_lean_lora(model) if cuda else 0
     params = [p for p in model.parameters() if p.requires_grad]
     collate = data_collator(None, packing=True, boundaries=attention == speed.VARLEN)
     steps = []
     for i in range(args.steps + 3):
         feats = train[i * 16 : (i + 1) * 16]
         batch = collate(feats)
-        steps.append(({k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}, [len(f["input_ids"]) for f in feats]))
+        on_device = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+        steps.append((on_device, [len(f["input_ids"]) for f in feats]))
     fpt = speed.flops_per_token(shape, shape.lora_params(16, TARGETS), [n for _, lens in steps[3:] for n in lens])
     useful = sum(sum(lens) for _, lens in steps[3:])
     print(json.dumps({"attention": attention, "kernels": kernels, "tokens_per_step": useful / args.steps}), flush=True)
     rows = []
 
-    cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     loss_kwargs = {"skip_logits": True} if "fused_linear_cross_entropy" in kernels else {}
 
@@ -127,7 +140,9 @@ def main(argv=None) -> int:
             "profile_cuda_ms": gpu_ms,
             "profile_events": sum(e.count for e in ka),
             "top_cpu": [(e.key[:60], round(e.self_cpu_time_total / 1e3, 1), e.count) for e in top],
-            "top_gpu": [(e.key[:60], round(getattr(e, "self_device_time_total", 0) / 1e3, 1), e.count) for e in top_gpu],
+            "top_gpu": [
+                (e.key[:60], round(getattr(e, "self_device_time_total", 0) / 1e3, 1), e.count) for e in top_gpu
+            ],
         }
 
     def record(label, step, prof=False, **extra):
@@ -166,7 +181,8 @@ def main(argv=None) -> int:
         record("eager+adamw", lambda b: eager_step(fast_opt, b))
     for label in ("trainer-asis", "trainer", "trainer-log10"):
         if label in variants:
-            record_trainer(label, model, train, collate, rows, args, torch, fpt, profile_python=label != "trainer-log10")
+            profile_python = label != "trainer-log10"
+            record_trainer(label, model, train, collate, rows, args, torch, fpt, profile_python=profile_python)
     (args.out / "step_anatomy.json").write_text(json.dumps(rows, indent=1))
     print("\n| variant | ms/step (sync each) | ms/step (overlapped) | useful tok/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|")
@@ -180,7 +196,10 @@ def main(argv=None) -> int:
         )
     for r in rows:
         if "top_cpu" in r:
-            print(f"\n{r['variant']}: profiled step CPU {r['profile_cpu_ms']:.0f} ms, CUDA {r['profile_cuda_ms']:.0f} ms, {r['profile_events']} events")
+            print(
+                f"\n{r['variant']}: profiled step CPU {r['profile_cpu_ms']:.0f} ms, "
+                f"CUDA {r['profile_cuda_ms']:.0f} ms, {r['profile_events']} events"
+            )
             for kind in ("top_cpu", "top_gpu"):
                 print(f" {kind}:")
                 for name, ms, count in r[kind]:
