@@ -228,7 +228,7 @@ def loss_and_grads(model, ids, autocast: bool, seed: int = 1):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
