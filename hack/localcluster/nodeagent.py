@@ -457,6 +457,21 @@ def pod_status(pod: dict, run: dict, now: str) -> dict:
     return status
 
 
+def take_events(events: queue.Queue, seconds: float, handle, clock=time.monotonic) -> int:
+    """Hand each event that arrives within `seconds` to `handle`, then return how many there were: at the
+    deadline even when more keep coming, so a busy watch never keeps the sync loop from stepping its pods."""
+    deadline = clock() + seconds
+    taken = 0
+    while (left := deadline - clock()) > 0:
+        try:
+            event = events.get(timeout=left)
+        except queue.Empty:
+            break
+        handle(event)
+        taken += 1
+    return taken
+
+
 def restart_wanted(policy: str, exit_code: int) -> bool:
     return policy == "Always" or (policy == "OnFailure" and exit_code != 0)
 
@@ -821,21 +836,17 @@ class Agent:
     def resync_loop(self) -> None:
         """A full list now and then, in case a watch stalls without an error."""
         while not self.stopping.wait(30):
-            with contextlib.suppress(Exception):
+            try:
                 listing = self.kube.call("GET", "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={self.node}"})
                 self.events.put(("LIST", (listing["items"], int(listing["metadata"]["resourceVersion"]))))
+            except Exception as e:  # noqa: BLE001 - the next resync or the watch catches up
+                self.log(f"pod resync: {type(e).__name__}: {e}")
 
     # -- the sync loop (one thread owns all PodRuns)
 
     def sync_loop(self) -> None:
         while not self.stopping.is_set():
-            deadline = time.monotonic() + 0.5
-            while True:
-                try:
-                    kind, obj = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                self.observe(kind, obj)
+            take_events(self.events, 0.5, lambda event: self.observe(*event))
             for run in list(self.runs.values()):
                 try:
                     self.step(run)

@@ -278,3 +278,24 @@ def test_hosts_file_names_the_pod_at_its_ip():
     assert "127.0.0.1\tlocalhost" in hosts
     assert "127.9.0.3\ttrainer-0.run1.ml.svc.cluster.local\ttrainer-0" in hosts
     assert "127.0.0.5\thub" in hosts
+
+
+def test_taking_events_stops_at_the_deadline_while_more_keep_coming():
+    import queue
+
+    events: queue.Queue = queue.Queue()
+    events.put("first")
+    now = [0.0]
+
+    def handle(event):  # every event brings another, and takes a tenth of a second
+        now[0] += 0.1
+        events.put("more")
+
+    taken = na.take_events(events, 0.5, handle, clock=lambda: now[0])
+    assert taken == 5 and events.qsize() == 1
+
+
+def test_taking_events_returns_when_none_come():
+    import queue
+
+    assert na.take_events(queue.Queue(), 0.05, lambda event: None) == 0
