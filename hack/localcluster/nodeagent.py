@@ -1130,7 +1130,11 @@ class Agent:
         self.event(run.pod, "Normal", "Started", f"Started container {c.name}")
 
     def record_groups(self, run: PodRun) -> None:
-        (run.dir / "pgids").write_text(" ".join(str(p.pid) for p in run.procs()))
+        """Note the process groups of the pod's running containers, for an agent that restarts to kill. A pod
+        deleted before it was prepared has no folder and no processes: nothing to note (writing there raised,
+        every step, and its deletion was never finished)."""
+        if run.dir.is_dir():
+            (run.dir / "pgids").write_text(" ".join(str(p.pid) for p in run.procs()))
 
     def reap(self, run: PodRun) -> None:
         """Turn exited processes into terminated states and schedule restarts."""

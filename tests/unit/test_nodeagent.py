@@ -299,3 +299,33 @@ def test_taking_events_returns_when_none_come():
     import queue
 
     assert na.take_events(queue.Queue(), 0.05, lambda event: None) == 0
+
+
+def test_a_pod_deleted_before_it_was_prepared_is_removed(tmp_path):
+    """The garbage collector can delete a Job's pod before the agent has prepared it (no folder, no process):
+    the agent still finishes the deletion."""
+    calls = []
+
+    class Kube:
+        def call(self, method, path, body=None, **kw):
+            calls.append((method, path, body))
+            return {}
+
+        def patch(self, path, body, **kw):
+            calls.append(("PATCH", path, body))
+            return {"metadata": {"uid": "u1", "name": "p", "namespace": "ns"}, "spec": POD_SPEC}
+
+    agent = object.__new__(na.Agent)
+    agent.kube = Kube()
+    pod = {"metadata": {"uid": "u1", "name": "p", "namespace": "ns", "deletionTimestamp": "2026-12-01T00:00:00Z",
+                        "deletionGracePeriodSeconds": 30}, "spec": POD_SPEC}
+    run = na.PodRun(pod=pod, dir=tmp_path / "never-made")
+    agent.step(run)
+    deletes = [c for c in calls if c[0] == "DELETE"]
+    assert deletes == [("DELETE", "/api/v1/namespaces/ns/pods/p",
+                        {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                         "preconditions": {"uid": "u1"}})]
+    assert run.delete_requested and not run.dir.exists()
+
+
+POD_SPEC = {"containers": [{"name": "main", "image": "python"}], "restartPolicy": "Never"}
