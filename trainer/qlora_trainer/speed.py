@@ -614,22 +614,32 @@ def use_lean_lora(model: Any) -> int:
     return count
 
 
+def _lean_adapter(layer: Any, x: Any, args: tuple, kwargs: dict) -> str | None:
+    """The one active plain-LoRA adapter of a layer the lean forward covers in this call, else None."""
+    import torch
+
+    active = layer.active_adapters
+    if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
+        return None
+    name = active[0]
+    if name not in layer.lora_A or name in layer.lora_variant or not torch.is_autocast_enabled(x.device.type):
+        return None
+    if layer.lora_B[name].bias is not None or type(layer.lora_A[name]) is not torch.nn.Linear:
+        return None
+    return name
+
+
 def _lean_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     import torch
 
-    active = self.active_adapters
-    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
-        return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
-    if name not in self.lora_A or name in self.lora_variant or not torch.is_autocast_enabled(x.device.type):
-        return type(self).forward(self, x, *args, **kwargs)
-    lora_b = self.lora_B[name]
-    if lora_b.bias is not None or type(self.lora_A[name]) is not torch.nn.Linear:
+    name = _lean_adapter(self, x, args, kwargs)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     h = torch.nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight)
     out = torch.addmm(
-        result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=self.scaling[name]
+        result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.t(),
+        alpha=self.scaling[name],
     )
     return out.view(result.shape)
 
@@ -1001,9 +1011,8 @@ def configure(
     will_compile = planned and packing and compile_pays(total_steps)
     # Under torch.compile only the fused loss stays Liger's: inductor fuses the norms, RoPE and SwiGLU itself.
     kernels = apply_kernels(base, layer_kernels=not will_compile)
-    setup = SpeedSetup(attention=attention, kernels=kernels, plan=None)
+    setup = SpeedSetup(attention=attention, kernels=kernels, plan=None, lean_lora_layers=use_lean_lora(model))
     if not planned:
-        setup.lean_lora_layers = use_lean_lora(model)
         return setup
     shape = ModelShape.from_config(base.config)
     torch.cuda.synchronize(device)
@@ -1026,7 +1035,6 @@ def configure(
     if plan.dense_weights:
         setup.dense_weight_bytes = cache_dequantized_weights(base)
     set_checkpointing(base, plan.checkpointed_layers)
-    setup.lean_lora_layers = use_lean_lora(model)
     if will_compile:
         setup.compiled_layers = compile_layers(base)
     return setup
