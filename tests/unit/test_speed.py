@@ -275,6 +275,79 @@ def test_lean_lora_leaves_every_other_state_to_peft():
     assert speed.use_lean_lora(model) == 0  # once per layer
 
 
+def test_fused_projections_compute_what_each_layer_computes(monkeypatch):
+    import torch
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = lora_llama(0.1)
+    speed.use_lean_lora(model)
+    own_loss, own_grads = loss_and_grads(model, ids, autocast=True)
+    attention = model.base_model.model.model.layers[0].self_attn
+    assert speed.fuse_projections(model) == 2  # one group per block
+    assert speed.fuse_projections(model) == 0  # once
+    fused = attention._qlora_fused_weight
+    assert fused.shape == (32 + 16 + 16, 32)
+    assert attention.k_proj.base_layer.weight.data_ptr() == fused[32:].data_ptr()  # a view: no memory added
+
+    computed = []
+    compute = speed._ProjectionGroup.compute
+    monkeypatch.setattr(speed._ProjectionGroup, "compute", lambda self, x: computed.append(1) or compute(self, x))
+    fused_loss, fused_grads = loss_and_grads(model, ids, autocast=True)
+    assert len(computed) == 2  # q computed k and v with it, in each of the two blocks
+    assert not attention.q_proj._qlora_group.pending  # every output was taken
+    # The same products and the same dropout draws (members draw in their own order): equal up to the rounding
+    # of one matmul instead of three.
+    assert fused_loss == pytest.approx(own_loss, rel=1e-3)
+    for name, grad in own_grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=0.02, atol=1e-3), name
+
+
+def test_fused_projections_leave_other_states_and_inputs_to_each_layer():
+    import torch
+
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    model = lora_llama(0.1).eval()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    speed.fuse_projections(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain)  # no autocast: peft's forward, layer by layer
+    attention = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(1, 3, 32, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q = attention.q_proj(x)
+        x.add_(1.0)  # changed in place after q computed k and v: k must not get the stale output
+        k = attention.k_proj(x)
+        assert torch.allclose(k.float(), type(attention.k_proj).forward(attention.k_proj, x).float(), atol=1e-2)
+        assert q.shape == (1, 3, 32) and k.shape == (1, 3, 16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.randn(1, 3, 32, dtype=torch.bfloat16)  # an inference tensor keeps no version: each layer alone
+        assert torch.equal(attention.v_proj(y), type(attention.v_proj).forward(attention.v_proj, y))
+        assert attention.q_proj._qlora_group.input is not y  # nothing computed for the others
+    assert speed.drop_dequantized_weights(model) == 0  # no 4-bit layers here; the groups are undone
+    assert not hasattr(attention.q_proj, "_qlora_group") and "forward" not in attention.q_proj.__dict__
+
+
+def test_optimizer_updates_are_waited_for_only_where_something_runs_out_of_order():
+    assert not speed.optimizer_sync_needed("cuda", paged_tensors=0, stream=0)
+    assert speed.optimizer_sync_needed("cuda", paged_tensors=2, stream=0)  # unified memory migrates on its own
+    assert speed.optimizer_sync_needed("cuda", paged_tensors=0, stream=94_000_000)  # the caller's side stream
+    assert speed.optimizer_sync_needed("xpu", paged_tensors=0, stream=None)
+
+
+def test_dropping_optimizer_syncs_keeps_bitsandbytes_own_for_the_rest(monkeypatch):
+    import torch
+
+    bnb_optimizer = pytest.importorskip("bitsandbytes.optim.optimizer")
+    calls = []
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: calls.append(t))
+    assert speed.drop_optimizer_syncs() and speed.drop_optimizer_syncs()  # once: the second call keeps the first
+    assert bnb_optimizer.sync_gpu._qlora_original is not None
+    cpu = torch.zeros(1)
+    bnb_optimizer.sync_gpu(cpu)
+    assert calls == [cpu]  # not CUDA: bitsandbytes' own call, whatever it does there
+
+
 def test_packed_boundaries_from_restarting_positions():
     import torch
 

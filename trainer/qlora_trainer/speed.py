@@ -7,13 +7,16 @@ trainer as a GPU pod. What each choice buys was measured on an H100 and an H200 
 `configure(model, ...)` is the one call the trainer makes, after LoRA is added; the pieces it uses:
 
 - `allocator_env()`          set before CUDA starts: expandable segments (varying packed lengths fragment less)
-- `choose_attention(device)` "varlen" (PyTorch's Flash varlen kernel over packed rows, no mask) on CUDA, else "sdpa";
+- `choose_attention(device)` "varlen" (PyTorch's Flash varlen kernel over packed rows, no mask, through its aten
+  operator, whose backward is C++) on CUDA, else "sdpa";
   `install_packed_boundaries` turns restarting position ids into the kernel's sequence boundaries
 - `apply_kernels(model)`     Liger SwiGLU/RoPE + fused linear cross-entropy, PyTorch's fused RMSNorm, on the base model
 - `prepare_for_kbit_training_lean(model, ...)`  peft's preparation without the fp32 copies of frozen weights
 - `plan_batch(...)`          `batchSize: auto`: packed micro-batch token budget, how many blocks checkpoint, and
   whether to keep a dequantized copy of the 4-bit weights (`cache_dequantized_weights`), from free GPU memory
 - `use_lean_lora(model)`    peft's LoRA layers with less Python per call (B, scaling and sum in one addmm)
+- `fuse_projections(model)` q, k and v (which read the same input) as one matmul over the dequantized weights
+- `drop_optimizer_syncs()`  bitsandbytes' optimizers without a device sync after every parameter's update
 - `compile_layers`, `compile_pays`  torch.compile of the blocks, when the run is long enough to earn it back
 - `flops_per_token(...)`, `mfu(...)`  model FLOPs utilisation as the benchmark reports it
 """
@@ -207,20 +210,58 @@ _VARLEN_CALL: tuple[Any, dict[str, Any], bool, bool] | None = None
 
 
 def _varlen_call() -> tuple[Any, dict[str, Any], bool, bool]:
-    """(varlen_attn, its causal keyword arguments, whether it takes fewer key/value heads natively, whether it
-    takes a softmax scale).
+    """(the varlen function, its causal keyword arguments, whether it takes fewer key/value heads natively,
+    whether it takes a softmax scale): `_flash_varlen` where it gives what varlen_attn gives, else varlen_attn.
 
-    Worked out once, outside any traced code: PyTorch 2.10/2.11 spell causal `is_causal=True`, later versions
-    `window_size=(-1, 0)` and add `enable_gqa`."""
+    Worked out once, outside any traced code."""
     global _VARLEN_CALL
     if _VARLEN_CALL is None:
-        fn = _varlen_fn()
-        params = inspect.signature(fn).parameters
-        kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        _VARLEN_CALL = (fn, kwargs, "enable_gqa" in params or _gqa_probe(fn, kwargs), "scale" in params)
+        public = _public_varlen_call()
+        _VARLEN_CALL = (_flash_varlen, {}, True, True) if _flash_varlen_matches(public) else public
     return _VARLEN_CALL
+
+
+def _public_varlen_call() -> tuple[Any, dict[str, Any], bool, bool]:
+    """varlen_attn and how to call it: PyTorch 2.10/2.11 spell causal `is_causal=True`, later versions
+    `window_size=(-1, 0)` and add `enable_gqa`."""
+    fn = _varlen_fn()
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return (fn, kwargs, "enable_gqa" in params or _gqa_probe(fn, kwargs), "scale" in params)
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None = None):
+    """The Flash varlen kernel that varlen_attn runs, called as its aten operator, causal: that operator's
+    backward is autograd's own, in C++, where varlen_attn's Python custom operator costs host time forward and
+    backward in every block. Flash takes fewer key/value heads natively."""
+    import torch
+
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)[0]
+
+
+def _flash_varlen_matches(public: tuple[Any, dict[str, Any], bool, bool]) -> bool:
+    """Whether `_flash_varlen` gives varlen_attn's output and gradients on two packed sequences with grouped
+    key/value heads (a PyTorch whose private operator changed is refused and keeps varlen_attn)."""
+    import torch
+
+    fn, kwargs, gqa_native, _ = public
+    try:
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        shapes = ((12, 4, 64), (12, 2, 64), (12, 2, 64))
+        leaves = [torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=generator) for s in shapes]
+        cu = torch.tensor([0, 5, 12], device="cuda", dtype=torch.int32)
+        results = []
+        for call in (_flash_varlen, lambda q, k, v, *rest: fn(q, k, v, *rest, **kwargs)):
+            q, k, v = (t.detach().clone().requires_grad_(True) for t in leaves)
+            kk, vv = (k, v) if gqa_native else (k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+            out = call(q, kk, vv, cu, cu, 7, 7)
+            out.float().square().sum().backward()
+            results.append([out, q.grad, k.grad, v.grad])
+        return all(torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2) for a, b in zip(*results))
+    except Exception:  # noqa: BLE001 - any refusal means: use varlen_attn
+        return False
 
 
 def _gqa_probe(fn: Any, kwargs: dict[str, Any]) -> bool:
@@ -578,7 +619,9 @@ def _dense_linear_forward(self: Any, x: Any) -> Any:
 
 
 def drop_dequantized_weights(model: Any) -> int:
-    """Undo `cache_dequantized_weights` (before a merge, or to give the memory back); returns modules restored."""
+    """Undo `cache_dequantized_weights` and `fuse_projections` (before a merge, or to give the memory back);
+    returns the 4-bit modules restored."""
+    unfuse_projections(model)
     restored = 0
     for module in model.modules():
         if hasattr(module, "_qlora_dense"):
@@ -642,6 +685,183 @@ def _lean_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         alpha=self.scaling[name],
     )
     return out.view(result.shape)
+
+
+# Projections that read the same input, fused into one matmul by `fuse_projections`.
+SHARED_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def fuse_projections(model: Any, names: Sequence[str] = SHARED_INPUT_PROJECTIONS) -> int:
+    """Run the frozen weights of projections that read the same input (an attention block's q, k and v) as one
+    matmul; returns how many groups.
+
+    The group's weights are concatenated once and each member's weight becomes a view into the whole, so no
+    memory is added: the dequantized copies of `cache_dequantized_weights`, or the weights of plain frozen
+    `nn.Linear` layers. The first member called with an input computes the base products of all of them in one
+    matmul (and its backward in one), adds each one's LoRA update as `use_lean_lora` does (its own dropout draw,
+    A, then B, scaling and sum in one `addmm`) and hands the others their outputs when they are called with the
+    same, unchanged tensor. A layer in any state the lean forward does not cover, or called with another input,
+    runs its own forward. Only where every member has such a weight and none has a bias."""
+    import torch
+
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        LoraLayer = ()  # noqa: N806 - no peft: only plain layers
+    count = 0
+    for parent in model.modules():
+        members = [getattr(parent, name, None) for name in names]
+        if any(m is None or hasattr(m, "_qlora_group") for m in members):
+            continue
+        bases = [m.get_base_layer() if isinstance(m, LoraLayer) else m for m in members]
+        weights = [_frozen_dense_weight(b) for b in bases]
+        if any(w is None for w in weights) or any(getattr(b, "bias", None) is not None for b in bases):
+            continue
+        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+            continue
+        fused = torch.cat([w.detach() for w in weights])
+        parent.register_buffer("_qlora_fused_weight", fused, persistent=False)
+        group = _ProjectionGroup(members, fused, [w.shape[0] for w in weights], LoraLayer)
+        start = 0
+        for member, base, weight in zip(members, bases, weights):
+            view = fused[start : start + weight.shape[0]]
+            start += weight.shape[0]
+            if hasattr(base, "_qlora_dense"):
+                base._qlora_dense = view
+            else:
+                base.weight.data = view
+            member._qlora_group = group
+            member._qlora_unfused = member.__dict__.get("forward")
+            member.forward = types.MethodType(_grouped_forward, member)
+        count += 1
+    return count
+
+
+def unfuse_projections(model: Any) -> int:
+    """Undo `fuse_projections`: every member runs its own forward again (its weight stays a view of the
+    concatenation, which the members keep alive); returns the groups undone."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "_qlora_group"):
+            del module._qlora_group
+            unfused = module.__dict__.pop("_qlora_unfused")
+            module.__dict__.pop("forward", None)
+            if unfused is not None:
+                module.forward = unfused
+        if "_qlora_fused_weight" in getattr(module, "_buffers", {}):
+            del module._qlora_fused_weight
+            count += 1
+    return count
+
+
+def _frozen_dense_weight(layer: Any) -> Any:
+    """The ordinary (out, in) weight a layer multiplies with, if it is frozen and ours to share, else None."""
+    import torch
+
+    dense = getattr(layer, "_qlora_dense", None)
+    if dense is not None:
+        return dense
+    if type(layer) is torch.nn.Linear and not layer.weight.requires_grad:
+        return layer.weight
+    return None
+
+
+class _ProjectionGroup:
+    """The members of one fused group, their concatenated weight, and the outputs computed but not yet taken."""
+
+    def __init__(self, members: list, weight: Any, sizes: list[int], lora_type: Any) -> None:
+        self.members, self.weight, self.sizes, self.lora_type = members, weight, sizes, lora_type
+        self.input: Any = None
+        self.version = -1
+        self.pending: dict[int, Any] = {}
+
+    def take(self, member: Any, x: Any) -> Any:
+        """The output computed earlier for `member` from this very input, unchanged since, else None."""
+        if self.input is not x or x._version != self.version:
+            return None
+        out = self.pending.pop(id(member), None)
+        if not self.pending:
+            self.input = None  # every member has its output: hold on to nothing
+        return out
+
+    def compute(self, x: Any) -> dict[int, Any] | None:
+        """Every member's output for `x`, or None when one of them is in a state only its own forward covers (or
+        `x` is an inference tensor, which keeps no version to tell a change by)."""
+        import torch
+
+        if x.is_inference():
+            return None
+        adapters = []
+        for member in self.members:
+            if isinstance(member, self.lora_type):
+                name = _lean_adapter(member, x, (), {})
+                if name is None:
+                    return None
+                adapters.append(name)
+            else:
+                adapters.append(None)
+        base = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        outs = {}
+        for member, name, part in zip(self.members, adapters, base.split(self.sizes, dim=-1)):
+            if name is None:
+                outs[id(member)] = part.contiguous()
+                continue
+            h = torch.nn.functional.linear(member.lora_dropout[name](x), member.lora_A[name].weight)
+            out = torch.addmm(
+                part.reshape(-1, part.shape[-1]), h.reshape(-1, h.shape[-1]), member.lora_B[name].weight.t(),
+                alpha=member.scaling[name],
+            )
+            outs[id(member)] = out.view(part.shape)
+        self.input, self.version, self.pending = x, x._version, outs
+        return outs
+
+
+def _grouped_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    group = self._qlora_group
+    out = None if args or kwargs else group.take(self, x)
+    if out is None:
+        outs = None if args or kwargs else group.compute(x)
+        if outs is None:
+            own = self._qlora_unfused
+            return own(x, *args, **kwargs) if own is not None else type(self).forward(self, x, *args, **kwargs)
+        out = group.take(self, x)
+    return out
+
+
+def drop_optimizer_syncs() -> bool:
+    """Keep bitsandbytes' optimizers from synchronising the whole device after every parameter's update (240
+    times a step for LoRA on q/k/v/o of 30 blocks), which holds the host back from issuing the next step while
+    the GPU finishes this one. Their update kernels run on the CUDA default stream, in order with the rest of a
+    step issued there, so the wait is needed only for paged states (unified memory, migrated asynchronously) or
+    when the caller works on another stream (`optimizer_sync_needed`); it stays for those. bitsandbytes PR #2050
+    proposes the same. Idempotent; False without bitsandbytes."""
+    try:
+        import bitsandbytes.optim.optimizer as bnb_optimizer
+        from bitsandbytes.functional import GlobalPageManager
+    except ImportError:
+        return False
+    if getattr(bnb_optimizer.sync_gpu, "_qlora_original", None) is not None:
+        return True
+    import torch
+
+    original = bnb_optimizer.sync_gpu
+    pages = GlobalPageManager.get_instance()
+
+    def sync_gpu(tensor: Any) -> None:
+        cuda = tensor.device.type == "cuda"
+        stream = torch._C._cuda_getCurrentRawStream(tensor.device.index) if cuda else None
+        if optimizer_sync_needed(tensor.device.type, len(pages.paged_tensors), stream):
+            original(tensor)
+
+    sync_gpu._qlora_original = original
+    bnb_optimizer.sync_gpu = sync_gpu
+    return True
+
+
+def optimizer_sync_needed(device_type: str, paged_tensors: int, stream: int | None) -> bool:
+    """Whether a bitsandbytes optimizer update must be waited for: anywhere but CUDA (its own rules), while any
+    state is paged, or when the caller's current stream is not the default one (0) that the update runs on."""
+    return device_type != "cuda" or paged_tensors > 0 or stream != 0
 
 
 def compile_layers(model: Any, mode: str | None = None) -> int:
@@ -932,6 +1152,7 @@ class SpeedSetup:
     dense_weight_bytes: int = 0
     compiled_layers: int = 0
     lean_lora_layers: int = 0
+    fused_groups: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -955,6 +1176,8 @@ class SpeedSetup:
             parts.append(self.plan.describe())
         if self.lean_lora_layers:
             parts.append(f"lean forward in {self.lean_lora_layers} LoRA layers")
+        if self.fused_groups:
+            parts.append(f"q/k/v in one matmul in {self.fused_groups} blocks")
         if self.compiled_layers:
             parts.append(f"{self.compiled_layers} blocks compiled")
         return "; ".join(parts + self.notes)
@@ -967,6 +1190,7 @@ class SpeedSetup:
             "denseWeightBytes": self.dense_weight_bytes,
             "compiledLayers": self.compiled_layers,
             "leanLoraLayers": self.lean_lora_layers,
+            "fusedGroups": self.fused_groups,
         }
 
 
@@ -1012,6 +1236,8 @@ def configure(
     # Under torch.compile only the fused loss stays Liger's: inductor fuses the norms, RoPE and SwiGLU itself.
     kernels = apply_kernels(base, layer_kernels=not will_compile)
     setup = SpeedSetup(attention=attention, kernels=kernels, plan=None, lean_lora_layers=use_lean_lora(model))
+    if drop_optimizer_syncs():
+        setup.notes.append("bitsandbytes optimizers without a device sync per parameter")
     if not planned:
         return setup
     shape = ModelShape.from_config(base.config)
@@ -1034,6 +1260,8 @@ def configure(
     setup.plan = plan
     if plan.dense_weights:
         setup.dense_weight_bytes = cache_dequantized_weights(base)
+        if not will_compile:  # the group hands outputs over by the input's identity, which dynamo does not trace
+            setup.fused_groups = fuse_projections(model)
     set_checkpointing(base, plan.checkpointed_layers)
     if will_compile:
         setup.compiled_layers = compile_layers(base)
