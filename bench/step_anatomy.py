@@ -3,13 +3,26 @@
     python bench/step_anatomy.py --out .bench-out
 
 One process, the defaults' model (EXAONE-3.5-2.4B's shape in NF4 with the dequantized weight cache, varlen
-attention, the fused kernels of speed.apply_kernels, LoRA r16 on q/k/v/o with dropout 0.1 and the lean forward)
+attention, the fused kernels of speed.apply_kernels, LoRA r16 on q/k/v/o with dropout 0.1, the lean forward, q/k/v
+in one matmul, bitsandbytes' optimizer without its per-parameter syncs)
 and the defaults' step: 16 QA pairs of the benchmark's data packed into one row (its boundaries from the
 trainer's collator), forward, backward, gradient clipping, optimizer.
 
   eager          a hand-written loop (no Trainer): only the model and the optimizer
   eager-peft     the same with peft's own LoRA forward instead of speed.use_lean_lora's
   eager-liger-norm  the same with Liger's RMSNorm kernel instead of PyTorch's fused one
+  eager-unfused  the same with q, k and v as three matmuls (no speed.fuse_projections)
+  eager-native-swiglu  the same with transformers' MLP (silu, multiply) instead of Liger's SwiGLU kernel
+  eager-fused-mlp  native MLP with gate and up in one matmul too (speed.fuse_projections on them)
+  eager-native-rope  the same with transformers' rotary embedding instead of Liger's kernel
+  eager-varlen-op  the same with attention through torch's varlen_attn (a Python custom operator) instead of
+                 speed._flash_varlen (the same Flash kernel through its aten operator)
+  eager-bnb-sync  the same with bitsandbytes' optimizer synchronising the device after every parameter, as it
+                 does unless speed.drop_optimizer_syncs
+  phases         the eager step's host issue time and wall time, phase by phase (forward, backward, optimizer)
+  cprofile       the eager loop's Python functions by their own time, a few steps
+  eager-aot      the blocks compiled with torch.compile's aot_eager backend (traced, no generated kernels):
+                 how long the tracing takes and what it saves
   eager+adamw    the same with fused AdamW instead of paged AdamW 8-bit (what the optimizer costs)
   trainer-asis   the product's QLoRATrainer as it was: the Trainer's per-step NaN filter (a host sync every
                  micro-batch), parameter count, clipping over every parameter and training-mode walk
@@ -18,8 +31,9 @@ trainer's collator), forward, backward, gradient clipping, optimizer.
   trainer-log10  the same, logging every 10th step
 
 For each: ms per step (the eager loop with one synchronisation per step and without, so host and GPU overlap
-across steps), useful tokens/s, MFU; the eager loop's profiler CPU and CUDA totals of one step with the
-operators that take the most host and GPU time (the CUDA total counts a kernel under its operator and under its
+across steps; the eager variants run `--rounds` times in turn and report their best round, as a lent machine's
+host drifts by tens of per cent over a few minutes), useful tokens/s, MFU; the eager loop's profiler CPU and
+CUDA totals of one step with the operators that take the most host and GPU time (the CUDA total counts a kernel under its operator and under its
 own name, so it is about twice the GPU's time); cProfile of a few Trainer steps.
 """
 
@@ -47,7 +61,10 @@ from trainer_speed import (  # noqa: E402
     make_dataset,
 )
 
-VARIANTS = "eager,eager-peft,eager-liger-norm,eager+adamw,trainer-asis,trainer,trainer-log10"
+VARIANTS = (
+    "eager,eager-unfused,eager-native-swiglu,eager-fused-mlp,eager-native-rope,eager-varlen-op,eager-bnb-sync,phases,"
+    "cprofile,eager-peft,eager-liger-norm,eager+adamw,trainer-asis,trainer,trainer-log10,eager-aot"
+)
 
 
 def main(argv=None) -> int:
@@ -56,6 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--variants", default=VARIANTS)
+    parser.add_argument("--rounds", type=int, default=3, help="times each eager variant runs, in turn")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run of the eager variants, tiny model")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -75,12 +93,17 @@ def main(argv=None) -> int:
     train, _ = make_dataset(2000, 128 if args.tiny else 1024, shape.vocab_size)
     attention = speed.choose_attention(device)
     model = load_4bit(args.model_dir, attention, device)
+    from transformers.models.llama import modeling_llama
+
+    native_rope = modeling_llama.apply_rotary_pos_emb  # before Liger swaps in its own
     kernels = speed.apply_kernels(model)
     speed.cache_dequantized_weights(model)
     speed.prepare_for_kbit_training_lean(model, 0)
     model = get_peft_model(model, lora_config())
     cuda = device.startswith("cuda")
     lean = speed.use_lean_lora(model) if cuda else 0
+    fused = speed.fuse_projections(model) if cuda else 0  # as speed.configure does with the weight cache
+    speed.drop_optimizer_syncs()
     params = [p for p in model.parameters() if p.requires_grad]
     collate = data_collator(None, packing=True, boundaries=attention == speed.VARLEN)
     steps = []
@@ -91,7 +114,19 @@ def main(argv=None) -> int:
         steps.append((on_device, [len(f["input_ids"]) for f in feats]))
     fpt = speed.flops_per_token(shape, shape.lora_params(16, TARGETS), [n for _, lens in steps[3:] for n in lens])
     useful = sum(sum(lens) for _, lens in steps[3:])
-    print(json.dumps({"attention": attention, "kernels": kernels, "tokens_per_step": useful / args.steps}), flush=True)
+    print(
+        json.dumps(
+            {
+                "attention": attention,
+                "varlen": getattr((speed._VARLEN_CALL or [None])[0], "__name__", None),
+                "kernels": kernels,
+                "fused": fused,
+                "lean_lora_layers": lean,
+                "tokens_per_step": useful / args.steps,
+            }
+        ),
+        flush=True,
+    )
     rows = []
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -145,48 +180,57 @@ def main(argv=None) -> int:
             ],
         }
 
-    def record(label, step, prof=False, **extra):
-        row = {"variant": label, **extra}
-        try:
-            row["ms_sync_each"] = time_loop(step, True) * 1e3
-            row["ms_overlapped"] = time_loop(step, False) * 1e3
-            best = min(row["ms_sync_each"], row["ms_overlapped"]) / 1e3
-            row["tok_s"] = useful / args.steps / best
-            row["mfu"] = speed.mfu(row["tok_s"], fpt)
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / speed.GIB if cuda else 0.0
-            if prof:
-                row.update(profile(step))
-        except Exception as exc:  # noqa: BLE001 - report and go on to the next variant
-            import traceback
+    def record(step) -> tuple[float, float]:
+        """ms per step of the loop with a synchronisation after each step, and without."""
+        return time_loop(step, True) * 1e3, time_loop(step, False) * 1e3
 
-            traceback.print_exc()
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    def row_of(label, timings: list[tuple[float, float]], **extra) -> dict:
+        """The best of the rounds (the least disturbed by the host), with the spread between rounds."""
+        best = [min(t[i] for t in timings) for i in (0, 1)]
+        row = {"variant": label, "ms_sync_each": best[0], "ms_overlapped": best[1], **extra}
+        row["ms_overlapped_rounds"] = [round(t[1], 1) for t in timings]
+        row["tok_s"] = useful / args.steps / (min(best) / 1e3)
+        row["mfu"] = speed.mfu(row["tok_s"], fpt)
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / speed.GIB if cuda else 0.0
+        return row
 
     variants = args.variants.split(",")
     opt = make_opt("paged")
-    if "eager" in variants:
-        record("eager", lambda b: eager_step(opt, b), prof=True)
-    if "eager-peft" in variants and lean:
-        restored = [m for m in model.modules() if hasattr(m, "lora_A") and m.__dict__.pop("forward", None) is not None]
-        record("eager-peft", lambda b: eager_step(opt, b), restored_layers=len(restored))
-        speed.use_lean_lora(model)
-    if "eager-liger-norm" in variants and cuda:
-        swap_norms(model, liger=True)
-        record("eager-liger-norm", lambda b: eager_step(opt, b))
-        swap_norms(model, liger=False)
-    if "eager+adamw" in variants:
-        fast_opt = make_opt("adamw")
-        record("eager+adamw", lambda b: eager_step(fast_opt, b))
+    fast_opt = make_opt("adamw") if "eager+adamw" in variants else None
+    eager_labels = [v for v in variants if v in EAGER_TOGGLES and (cuda or v in ("eager", "eager+adamw"))]
+    measure_eager(
+        eager_labels, args.rounds, lambda label: eager_toggle(label, model, native_rope), record, row_of,
+        lambda b: eager_step(opt, b), lambda b: eager_step(fast_opt, b), rows,
+    )
+    if "eager" in variants:  # after the timings: the profiler may leave the process slower than it found it
+        rows.append({"variant": "eager-profile", **profile(lambda b: eager_step(opt, b))})
+    if "phases" in variants:
+        rows.append(phases(model, opt, steps, loss_kwargs, device, sync, torch))
+        print(json.dumps(rows[-1]), flush=True)
+    if "cprofile" in variants:
+        rows.append(python_profile(lambda b: eager_step(opt, b), steps, sync))
+        print(rows[-1]["cprofile"], flush=True)
     for label in ("trainer-asis", "trainer", "trainer-log10"):
         if label in variants:
-            profile_python = label != "trainer-log10"
+            profile_python = label == "trainer"
             record_trainer(label, model, train, collate, rows, args, torch, fpt, profile_python=profile_python)
+    if "eager-aot" in variants and cuda:
+        speed.unfuse_projections(model)  # dynamo traces the plain per-layer forward
+        layers = speed.decoder_layers(model)
+        for layer in layers:
+            layer.compile(backend="aot_eager", dynamic=True)
+        t = time.perf_counter()
+        eager_step(opt, steps[0][0])
+        sync()
+        first = time.perf_counter() - t
+        rows.append(row_of("eager-aot", [record(lambda b: eager_step(opt, b))], first_step_s=first))
+        print(json.dumps(rows[-1]), flush=True)
     (args.out / "step_anatomy.json").write_text(json.dumps(rows, indent=1))
     print("\n| variant | ms/step (sync each) | ms/step (overlapped) | useful tok/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        if "ms_sync_each" not in r and "error" not in r:
+            continue
         if "error" in r:
             print(f"| {r['variant']} | failed: {r['error'][:80]} | | | | |")
             continue
@@ -205,6 +249,174 @@ def main(argv=None) -> int:
                 for name, ms, count in r[kind]:
                     print(f"  {ms:8.1f} ms  {count:6d}  {name}")
     return 0
+
+
+EAGER_TOGGLES = (
+    "eager", "eager-unfused", "eager-native-swiglu", "eager-fused-mlp", "eager-native-rope", "eager-varlen-op",
+    "eager-bnb-sync", "eager-peft", "eager-liger-norm", "eager+adamw",
+)
+
+
+def measure_eager(labels, rounds, toggle, record, row_of, step, adamw_step, rows) -> None:
+    """Each eager variant's loop, `rounds` times in turn (A B C A B C ...), so that a host that drifts over the
+    minutes of the run drifts under all of them alike; one row each, the best round with all of them."""
+    timings: dict[str, list] = {label: [] for label in labels}
+    extra: dict[str, dict] = {label: {} for label in labels}
+    failed: dict[str, str] = {}
+    for _ in range(rounds):
+        for label in labels:
+            if label in failed:
+                continue
+            try:
+                with toggle(label) as info:
+                    extra[label].update(info)
+                    timings[label].append(record(adamw_step if label == "eager+adamw" else step))
+            except Exception as exc:  # noqa: BLE001 - report and go on to the next variant
+                import traceback
+
+                traceback.print_exc()
+                failed[label] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    for label in labels:
+        row = {"variant": label, "error": failed[label]} if label in failed else row_of(
+            label, timings[label], **extra[label]
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def eager_toggle(label, model, native_rope):
+    """A context that puts the model in the variant's state for the loop and back afterwards (yields notes)."""
+    import contextlib
+
+    from transformers.models.llama import modeling_llama
+
+    from qlora_trainer import speed
+
+    @contextlib.contextmanager
+    def unfused():
+        speed.unfuse_projections(model)
+        try:
+            yield {}
+        finally:
+            speed.fuse_projections(model)
+
+    @contextlib.contextmanager
+    def native_swiglu(fuse_mlp: bool):
+        mlps = [m for m in model.modules() if "forward" in m.__dict__ and hasattr(m, "gate_proj")]
+        liger = [m.__dict__.pop("forward") for m in mlps]
+        groups = speed.fuse_projections(model, ("gate_proj", "up_proj")) if fuse_mlp else 0
+        try:
+            yield {"mlps": len(mlps), "mlp_groups": groups}
+        finally:
+            if fuse_mlp:
+                speed.unfuse_projections(model)
+                speed.fuse_projections(model)
+            for m, forward in zip(mlps, liger):
+                m.forward = forward
+
+    @contextlib.contextmanager
+    def swapped(owner, name, value):
+        kept = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            yield {}
+        finally:
+            setattr(owner, name, kept)
+
+    @contextlib.contextmanager
+    def public_varlen():
+        kept = speed._varlen_call()
+        speed._VARLEN_CALL = speed._public_varlen_call()
+        try:
+            yield {"varlen": getattr(speed._VARLEN_CALL[0], "__name__", "?")}
+        finally:
+            speed._VARLEN_CALL = kept
+
+    @contextlib.contextmanager
+    def bnb_sync():
+        import bitsandbytes.optim.optimizer as bnb_optimizer
+
+        with swapped(bnb_optimizer, "sync_gpu", bnb_optimizer.sync_gpu._qlora_original) as info:
+            yield info
+
+    @contextlib.contextmanager
+    def peft_forward():
+        restored = [m for m in model.modules() if hasattr(m, "lora_A") and m.__dict__.pop("forward", None) is not None]
+        speed.unfuse_projections(model)
+        try:
+            yield {"restored_layers": len(restored)}
+        finally:
+            speed.use_lean_lora(model)
+            speed.fuse_projections(model)
+
+    @contextlib.contextmanager
+    def liger_norm():
+        swap_norms(model, liger=True)
+        try:
+            yield {}
+        finally:
+            swap_norms(model, liger=False)
+
+    return {
+        "eager-unfused": unfused,
+        "eager-native-swiglu": lambda: native_swiglu(False),
+        "eager-fused-mlp": lambda: native_swiglu(True),
+        "eager-native-rope": lambda: swapped(modeling_llama, "apply_rotary_pos_emb", native_rope),
+        "eager-varlen-op": public_varlen,
+        "eager-bnb-sync": bnb_sync,
+        "eager-peft": peft_forward,
+        "eager-liger-norm": liger_norm,
+    }.get(label, lambda: contextlib.nullcontext({}))()
+
+
+def phases(model, opt, steps, loss_kwargs, device, sync, torch) -> dict:
+    """The eager step phase by phase, each ending in a synchronisation: how long the host takes to issue the
+    phase (until the call returns) and how long until the GPU has run it, ms, median over the steps."""
+    import statistics
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    marks: dict[str, list[float]] = {}
+
+    def mark(name, t0, t_issued):
+        sync()
+        t_done = time.perf_counter()
+        marks.setdefault(name + "_issue_ms", []).append((t_issued - t0) * 1e3)
+        marks.setdefault(name + "_done_ms", []).append((t_done - t0) * 1e3)
+        return t_done
+
+    for batch, _ in steps[1:]:
+        sync()
+        t = time.perf_counter()
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+            loss = model(**batch, **loss_kwargs).loss
+        t = mark("forward", t, time.perf_counter())
+        loss.backward()
+        t = mark("backward", t, time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark("optimizer", t, time.perf_counter())
+    return {"variant": "phases", **{k: round(statistics.median(v), 1) for k, v in marks.items()}}
+
+
+def python_profile(step, steps, sync) -> dict:
+    """cProfile of a few eager steps: the Python functions by their own time."""
+    import cProfile
+    import io
+    import pstats
+
+    for batch, _ in steps[:2]:
+        step(batch)
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for batch, _ in steps[3:6]:
+        step(batch)
+    sync()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(35)
+    return {"variant": "cprofile", "cprofile": text.getvalue()}
 
 
 def swap_norms(model, liger: bool) -> None:
@@ -242,11 +454,42 @@ def record_trainer(label, model, train, collate, rows, args, torch, fpt: float, 
 
     from qlora_trainer.training import QLoRATrainer
 
+    import gc
+    import statistics
+
     marks: list[float] = []
+    parts: dict[str, list[float]] = {}
+    last: dict[str, float] = {}
+
+    def lap(name):
+        now = time.perf_counter()
+        if "at" in last:
+            parts.setdefault(name, []).append((now - last["at"]) * 1e3)
+        last["at"] = now
 
     class Clock(TrainerCallback):
+        """Host time between the Trainer's step events: what the host spends on each part of a step."""
+
+        def on_step_begin(self, targs, state, control, **kw):
+            lap("data_and_logging")
+
+        def on_pre_optimizer_step(self, targs, state, control, **kw):
+            lap("forward_backward_clip")
+
+        def on_optimizer_step(self, targs, state, control, **kw):
+            lap("optimizer")
+
         def on_step_end(self, targs, state, control, **kw):
+            lap("scheduler_zero_grad")
             marks.append(time.perf_counter())
+
+    gc_ms: list[float] = []
+
+    def gc_clock(phase, info):
+        if phase == "start":
+            last["gc"] = time.perf_counter()
+        elif "gc" in last and len(marks) >= 3:  # collections during the timed steps only
+            gc_ms.append((time.perf_counter() - last.pop("gc")) * 1e3)
 
     def build(steps):
         targs = TrainingArguments(
@@ -285,8 +528,14 @@ def record_trainer(label, model, train, collate, rows, args, torch, fpt: float, 
     row = {"variant": label}
     try:
         warm = 3
-        build(warm + args.steps).train()
+        trainer = build(warm + args.steps)
+        gc.callbacks.append(gc_clock)
+        trainer.train()
+        gc.callbacks.remove(gc_clock)
         per_step = (marks[-1] - marks[warm - 1]) / args.steps
+        row["host_ms"] = {k: round(statistics.median(v[warm:] or v), 1) for k, v in parts.items()}
+        row["gc_ms_per_step"] = round(sum(gc_ms) / args.steps, 2)
+        row["gc_runs"] = len(gc_ms)
         row["ms_sync_each"] = row["ms_overlapped"] = per_step * 1e3
         tokens = sum(len(x["input_ids"]) for x in train) / len(train) * 16
         row["tok_s"] = tokens / per_step

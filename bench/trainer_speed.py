@@ -294,7 +294,11 @@ def run_setting(name: str, args) -> dict[str, Any]:
         speed.install_packed_boundaries(model)
     model = get_peft_model(model, lora_config())
     if name != "guide" and cuda:
+        # As speed.configure does.
         result["lean_lora_layers"] = speed.use_lean_lora(model)
+        if plan.dense_weights:
+            result["fused_groups"] = speed.fuse_projections(model)
+        result["optimizer_syncs_dropped"] = speed.drop_optimizer_syncs()
     if name.startswith("compiled"):
         result["compiled_layers"] = speed.compile_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -588,8 +592,8 @@ def cli_check(args) -> list[dict[str, Any]]:
         texts = words[:2000] + [r["question"] for r in records[:50]]
         build_tokenizer(texts, vocab_size=min(4000, vocab - 16)).save_pretrained(model_dir)
     rows = []
-    for package in [p for p in args.cli_packages.split(",") if p]:
-        out = work / f"out-{Path(package).name or 'trainer'}"
+    for index, package in enumerate(p for p in args.cli_packages.split(",") if p):
+        out = work / f"out-{index}-{Path(package).name or 'trainer'}"  # its own: a shared one would be resumed
         config = {
             "model": {"name": str(model_dir)},
             "dataset": {"path": str(data), "evalFraction": 0.05},
