@@ -285,7 +285,7 @@ def test_fused_projections_compute_what_each_layer_computes(monkeypatch):
     attention = model.base_model.model.model.layers[0].self_attn
     assert speed.fuse_projections(model) == 2  # one group per block
     assert speed.fuse_projections(model) == 0  # once
-    fused = attention._qlora_fused_weight
+    fused = attention.q_proj._qlora_group.weight
     assert fused.shape == (32 + 16 + 16, 32)
     assert attention.k_proj.base_layer.weight.data_ptr() == fused[32:].data_ptr()  # a view: no memory added
 

@@ -611,10 +611,14 @@ def cache_dequantized_weights(model: Any) -> int:
 
 
 def _dense_linear_forward(self: Any, x: Any) -> Any:
+    weight = self._qlora_dense
+    return _dense_product(x, weight, None if self.bias is None else self.bias.to(weight.dtype))
+
+
+def _dense_product(x: Any, weight: Any, bias: Any = None) -> Any:
+    """x times a dequantized weight, in the weight's dtype, returned in x's (what bitsandbytes' layer returns)."""
     import torch
 
-    weight = self._qlora_dense
-    bias = None if self.bias is None else self.bias.to(weight.dtype)
     return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
@@ -673,18 +677,23 @@ def _lean_adapter(layer: Any, x: Any, args: tuple, kwargs: dict) -> str | None:
 
 
 def _lean_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    import torch
-
     name = _lean_adapter(self, x, args, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    h = torch.nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight)
+    return _plus_lora(self, name, x, self.base_layer(x))
+
+
+def _plus_lora(layer: Any, name: str, x: Any, base: Any) -> Any:
+    """`base` (the frozen layer's output for x) plus the adapter's update: dropout, A, then B, the scaling and
+    the sum in one addmm."""
+    import torch
+
+    h = torch.nn.functional.linear(layer.lora_dropout[name](x), layer.lora_A[name].weight)
     out = torch.addmm(
-        result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.t(),
-        alpha=self.scaling[name],
+        base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), layer.lora_B[name].weight.t(),
+        alpha=layer.scaling[name],
     )
-    return out.view(result.shape)
+    return out.view(base.shape)
 
 
 # Projections that read the same input, fused into one matmul by `fuse_projections`.
@@ -719,8 +728,7 @@ def fuse_projections(model: Any, names: Sequence[str] = SHARED_INPUT_PROJECTIONS
             continue
         if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
             continue
-        fused = torch.cat([w.detach() for w in weights])
-        parent.register_buffer("_qlora_fused_weight", fused, persistent=False)
+        fused = torch.cat([w.detach() for w in weights])  # held by the group, and by the members' views
         group = _ProjectionGroup(members, fused, [w.shape[0] for w in weights], LoraLayer)
         start = 0
         for member, base, weight in zip(members, bases, weights):
@@ -740,18 +748,15 @@ def fuse_projections(model: Any, names: Sequence[str] = SHARED_INPUT_PROJECTIONS
 def unfuse_projections(model: Any) -> int:
     """Undo `fuse_projections`: every member runs its own forward again (its weight stays a view of the
     concatenation, which the members keep alive); returns the groups undone."""
-    count = 0
+    groups = set()
     for module in model.modules():
         if hasattr(module, "_qlora_group"):
-            del module._qlora_group
+            groups.add(id(module.__dict__.pop("_qlora_group")))
             unfused = module.__dict__.pop("_qlora_unfused")
             module.__dict__.pop("forward", None)
             if unfused is not None:
                 module.forward = unfused
-        if "_qlora_fused_weight" in getattr(module, "_buffers", {}):
-            del module._qlora_fused_weight
-            count += 1
-    return count
+    return len(groups)
 
 
 def _frozen_dense_weight(layer: Any) -> Any:
@@ -784,48 +789,37 @@ class _ProjectionGroup:
             self.input = None  # every member has its output: hold on to nothing
         return out
 
-    def compute(self, x: Any) -> dict[int, Any] | None:
-        """Every member's output for `x`, or None when one of them is in a state only its own forward covers (or
-        `x` is an inference tensor, which keeps no version to tell a change by)."""
-        import torch
-
+    def compute(self, x: Any) -> bool:
+        """Every member's output for `x`, kept for `take`; False (nothing kept) when one of them is in a state
+        only its own forward covers, or `x` is an inference tensor, which keeps no version to tell a change by."""
         if x.is_inference():
-            return None
+            return False
         adapters = []
         for member in self.members:
             if isinstance(member, self.lora_type):
                 name = _lean_adapter(member, x, (), {})
                 if name is None:
-                    return None
+                    return False
                 adapters.append(name)
             else:
                 adapters.append(None)
-        base = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         outs = {}
-        for member, name, part in zip(self.members, adapters, base.split(self.sizes, dim=-1)):
-            if name is None:
-                outs[id(member)] = part.contiguous()
-                continue
-            h = torch.nn.functional.linear(member.lora_dropout[name](x), member.lora_A[name].weight)
-            out = torch.addmm(
-                part.reshape(-1, part.shape[-1]), h.reshape(-1, h.shape[-1]), member.lora_B[name].weight.t(),
-                alpha=member.scaling[name],
-            )
-            outs[id(member)] = out.view(part.shape)
+        for member, name, part in zip(self.members, adapters, _dense_product(x, self.weight).split(self.sizes, -1)):
+            outs[id(member)] = part.contiguous() if name is None else _plus_lora(member, name, x, part)
         self.input, self.version, self.pending = x, x._version, outs
-        return outs
+        return True
 
 
 def _grouped_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    group = self._qlora_group
-    out = None if args or kwargs else group.take(self, x)
-    if out is None:
-        outs = None if args or kwargs else group.compute(x)
-        if outs is None:
-            own = self._qlora_unfused
-            return own(x, *args, **kwargs) if own is not None else type(self).forward(self, x, *args, **kwargs)
+    if not args and not kwargs:
+        group = self._qlora_group
         out = group.take(self, x)
-    return out
+        if out is None and group.compute(x):
+            out = group.take(self, x)
+        if out is not None:
+            return out
+    own = self._qlora_unfused
+    return own(x, *args, **kwargs) if own is not None else type(self).forward(self, x, *args, **kwargs)
 
 
 def drop_optimizer_syncs() -> bool:
