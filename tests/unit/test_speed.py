@@ -403,3 +403,69 @@ def test_setup_reports_the_plan_it_made():
     padded = speed.SpeedSetup(attention="sdpa", kernels=[], plan=plan(24, packed=False))
     assert padded.padded_batch == (padded.plan.micro_batch, padded.plan.accumulation_steps)
     assert padded.to_dict()["plan"]["packed"] is False
+
+
+def bucket_case(shapes, optimizer_cls, **kwargs):
+    """The same parameters twice over, under one optimizer each: the first as they are, the second bucketed."""
+    import torch
+
+    torch.manual_seed(0)
+    values = [torch.randn(shape) * 0.1 for shape in shapes]
+    plain = [torch.nn.Parameter(v.clone()) for v in values]
+    bucketed = [torch.nn.Parameter(v.clone()) for v in values]
+    opts = [optimizer_cls(ps, lr=1e-2, weight_decay=0.1, **kwargs) for ps in (plain, bucketed)]
+    return plain, bucketed, opts
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW8bit", "PagedAdamW8bit", "Lion8bit", "AdamW"])
+def test_bucketed_parameters_get_the_updates_they_would_get_alone(optimizer):
+    import torch
+
+    bnb = pytest.importorskip("bitsandbytes")
+    # Three take part (multiples of 256, from min_8bit_size); the small one and the 300-element one stay alone.
+    shapes = [(16, 512), (512, 16), (16, 256), (8, 8), (300,)]
+    plain, bucketed, (plain_opt, bucketed_opt) = bucket_case(shapes, getattr(bnb.optim, optimizer))
+    buckets = speed.bucket_optimizer_parameters(bucketed_opt)
+    assert [len(b.members) for b in buckets] == [3]
+    assert buckets[0].members == bucketed[:3] and buckets[0].flat.numel() == 8192 + 8192 + 4096
+    assert bucketed[1].data_ptr() == buckets[0].flat.data_ptr() + 8192 * 4  # a view: nothing copied per step
+    assert len(bucketed_opt.param_groups[0]["params"]) == 3  # the bucket and the two left alone
+    for step in range(4):
+        grads = [torch.randn(shape) for shape in shapes]
+        for ps, opt in ((plain, plain_opt), (bucketed, bucketed_opt)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for a, b in zip(plain, bucketed):
+            assert torch.equal(a, b), step
+    assert speed.bucket_optimizer_parameters(bucketed_opt) == []  # once, before the first step
+
+
+def test_buckets_keep_states_where_their_members_would_and_skip_what_would_change():
+    import torch
+
+    bnb = pytest.importorskip("bitsandbytes")
+    shapes = [(16, 2560)] * 5 + [(400, 256)]  # 40,960 each; 102,400 would be paged on its own
+    _, params, (_, opt) = bucket_case(shapes, bnb.optim.PagedAdamW8bit)
+    (bucket,) = speed.bucket_optimizer_parameters(opt)
+    assert bucket.members == params[:5] and bucket.flat.numel() == 5 * 40960
+    assert opt.param_groups[0]["params"] == [params[5], bucket.flat]  # the one that would be paged stays alone
+    assert not getattr(opt.get_state_buffer(bucket.flat, dtype=torch.uint8), "is_paged", False)
+    # Without paging, size does not matter.
+    _, _, (_, unpaged) = bucket_case(shapes, bnb.optim.AdamW8bit)
+    assert [len(b.members) for b in speed.bucket_optimizer_parameters(unpaged)] == [6]
+    # A member without a gradient counts as zero while the others have one; none at all: the bucket is skipped.
+    members = bucket.members
+    for p in members:
+        p.grad = None
+    members[0].grad = torch.ones(16, 2560)
+    bucket.gather_grads()
+    assert bucket.flat.grad[:40960].eq(1).all() and bucket.flat.grad[40960:].eq(0).all()
+    members[0].grad = None
+    bucket.gather_grads()
+    assert bucket.flat.grad is None
+    # Optimizers whose update is not element by element, and torch's own, are left as they are.
+    for cls in (bnb.optim.LAMB8bit, torch.optim.AdamW):
+        _, _, (_, other) = bucket_case(shapes, cls)
+        assert speed.bucket_optimizer_parameters(other) == []

@@ -17,6 +17,8 @@ trainer as a GPU pod. What each choice buys was measured on an H100 and an H200 
 - `use_lean_lora(model)`    peft's LoRA layers with less Python per call (B, scaling and sum in one addmm)
 - `fuse_projections(model)` q, k and v (which read the same input) as one matmul over the dequantized weights
 - `drop_optimizer_syncs()`  bitsandbytes' optimizers without a device sync after every parameter's update
+- `bucket_optimizer_parameters(optimizer)`  bitsandbytes' optimizers update small parameters a bucket at a time
+  (training.QLoRATrainer calls it on the optimizer it creates)
 - `compile_layers`, `compile_pays`  torch.compile of the blocks, when the run is long enough to earn it back
 - `flops_per_token(...)`, `mfu(...)`  model FLOPs utilisation as the benchmark reports it
 """
@@ -856,6 +858,121 @@ def optimizer_sync_needed(device_type: str, paged_tensors: int, stream: int | No
     """Whether a bitsandbytes optimizer update must be waited for: anywhere but CUDA (its own rules), while any
     state is paged, or when the caller's current stream is not the default one (0) that the update runs on."""
     return device_type != "cuda" or paged_tensors > 0 or stream != 0
+
+
+# bitsandbytes keeps a state in unified (paged) memory from this many elements (optim/optimizer.py,
+# `get_state_buffer`), its 8-bit states in blocks of 256 elements each with its own scale, and parameters under
+# `min_8bit_size` elements in 32 bits.
+BNB_PAGED_FROM = 100_000
+BNB_BLOCK = 256
+# bitsandbytes updates whose arithmetic is element by element (per 256-element block for 8-bit states): one
+# over a concatenation is the updates of its parts. LAMB and LARS scale by per-tensor norms, AdEMAMix keeps
+# states of another layout: left out.
+ELEMENTWISE_BNB_UPDATES = frozenset({"adam", "lion", "momentum", "rmsprop"})
+
+
+@dataclass
+class ParameterBucket:
+    """Parameters that the optimizer updates as one: `flat` holds their values, each member's data is a view
+    into it, and `gather_grads` copies their gradients into `flat.grad` before each update."""
+
+    flat: Any
+    members: list
+
+    def gather_grads(self) -> None:
+        import torch
+
+        grads = [m.grad for m in self.members]
+        if all(g is None for g in grads):
+            self.flat.grad = None  # the optimizer skips it, as it would skip each member
+            return
+        if self.flat.grad is None:
+            self.flat.grad = torch.empty_like(self.flat)
+        parts = [g.reshape(-1) if g is not None else torch.zeros(m.numel(), dtype=m.dtype, device=m.device)
+                 for g, m in zip(grads, self.members)]
+        torch.cat(parts, out=self.flat.grad)
+
+
+def bucket_optimizer_parameters(optimizer: Any) -> list[ParameterBucket]:
+    """Let a bitsandbytes optimizer update its parameters a bucket at a time instead of one at a time; returns
+    the buckets (none where it does not apply).
+
+    bitsandbytes' optimizers run a Python loop over the parameters (240 LoRA tensors for q/k/v/o of 30 blocks),
+    each update a few dozen microseconds of host time for a kernel of a few: 10-17 ms of a host-bound step.
+    Here each group's parameters of one dtype and device become views into one flat bucket, and the group holds
+    the bucket. The arithmetic is the same: the update is element by element (`ELEMENTWISE_BNB_UPDATES`), every
+    member starts a new 256-element block of the 8-bit state (only members of a multiple of 256 elements are
+    taken), members keep the state size they had (8 bits: only members of at least `min_8bit_size`) and the
+    place: a paged optimizer pages only states from `BNB_PAGED_FROM` elements, so members below it are taken and
+    the bucket's states are kept in device memory as theirs were. A pre-step hook copies the members' gradients
+    into the bucket's (a member without one counts as zero while another member has one). Only before the first
+    step, without per-parameter overrides, and without `max_unorm` (a per-tensor norm)."""
+    try:
+        from bitsandbytes.optim.optimizer import GlobalOptimManager, Optimizer8bit
+    except ImportError:
+        return []
+    import torch
+
+    name = getattr(optimizer, "optimizer_name", None)
+    if not isinstance(optimizer, Optimizer8bit) or name not in ELEMENTWISE_BNB_UPDATES or optimizer.state:
+        return []
+    if getattr(optimizer.args, "max_unorm", 0.0) > 0.0:
+        return []
+    manager = GlobalOptimManager.get_instance()
+    overridden = set(manager.pid2config) | {id(getattr(m, attr)) for m, attr, _ in manager.module_weight_config_triple}
+    min_8bit, paged = optimizer.args.min_8bit_size, optimizer.is_paged
+
+    def taken(param: Any) -> bool:
+        n = param.numel()
+        if getattr(param, "_qlora_bucket", False) or id(param) in overridden or not param.is_contiguous():
+            return False
+        return n % BNB_BLOCK == 0 and n >= min_8bit and not (paged and n >= BNB_PAGED_FROM)
+
+    buckets: list[ParameterBucket] = []
+    for group in optimizer.param_groups:
+        kept, takers = [], {}
+        for param in group["params"]:
+            if taken(param):
+                takers.setdefault((param.dtype, param.device), []).append(param)
+            else:
+                kept.append(param)
+        for members in takers.values():
+            if len(members) == 1:
+                kept.extend(members)
+                continue
+            flat = torch.nn.Parameter(torch.cat([m.detach().reshape(-1) for m in members]))
+            flat._qlora_bucket = True  # never bucketed again: its members' views would be left behind
+            start = 0
+            for member in members:
+                member.data = flat.data[start : start + member.numel()].view_as(member)
+                start += member.numel()
+            buckets.append(ParameterBucket(flat, members))
+            kept.append(flat)
+        group["params"] = kept
+    if buckets:
+        _keep_bucket_states_unpaged(optimizer)
+
+        def gather_grads(optimizer: Any, args: Any, kwargs: Any) -> None:
+            for bucket in buckets:
+                bucket.gather_grads()
+
+        optimizer.register_step_pre_hook(gather_grads)
+    return buckets
+
+
+def _keep_bucket_states_unpaged(optimizer: Any) -> None:
+    """A bucket's states in device memory, as its members' would be (each below the paging size); any other
+    parameter's as bitsandbytes decides."""
+    import torch
+
+    own = optimizer.get_state_buffer
+
+    def get_state_buffer(p: Any, dtype: Any = torch.float32) -> Any:
+        if getattr(p, "_qlora_bucket", False):
+            return torch.zeros_like(p, dtype=dtype, device=p.device)
+        return own(p, dtype=dtype)
+
+    optimizer.get_state_buffer = get_state_buffer
 
 
 def compile_layers(model: Any, mode: str | None = None) -> int:

@@ -103,6 +103,10 @@ def training_arguments(cfg: TrainerConfig, *, has_eval: bool, packing: bool, eva
         use_cpu=not on_gpu,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Batches copied to the GPU from pinned memory without waiting: a blocking copy waits for the GPU to finish
+        # the last step, and the next batch is then collated while the GPU idles (a host-bound step pays both).
+        dataloader_pin_memory=on_gpu,
+        accelerator_config={"non_blocking": on_gpu},
         ddp_find_unused_parameters=False,
         disable_tqdm=not sys.stderr.isatty(),
         include_num_input_tokens_seen="no",  # counted by QLoRATrainer: useful tokens, padding excluded
@@ -129,11 +133,39 @@ class QLoRATrainer(Trainer):
         self._trainable: list | None = None
         self._in_train_mode: Any = None
 
-    def _clip_grad_norm(self, model):
-        """Clip over the trainable parameters only (the frozen ones have no gradient to clip)."""
+    def _trainable_parameters(self, model) -> list:
         if self._trainable is None:
             self._trainable = [p for p in model.parameters() if p.requires_grad]
-        return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
+        return self._trainable
+
+    def _clip_grad_norm(self, model):
+        """Clip over the trainable parameters only (the frozen ones have no gradient to clip)."""
+        return self.accelerator.clip_grad_norm_(self._trainable_parameters(model), self.args.max_grad_norm)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with bitsandbytes' updating the LoRA weights a bucket at a time instead of
+        one tensor at a time (`speed.bucket_optimizer_parameters`: the same arithmetic, less host time)."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh:
+            buckets = speed.bucket_optimizer_parameters(optimizer)
+            if buckets:
+                log.info(
+                    "optimizer: %d parameters updated in %d buckets",
+                    sum(len(b.members) for b in buckets), len(buckets),
+                )
+        return optimizer
+
+    def train(self, *args: Any, **kwargs: Any):
+        """The Trainer's `train`, with `model.zero_grad()` (called after every optimizer step, a walk over every
+        module and parameter) going over the trainable parameters only while it runs: the frozen ones have no
+        gradient. A model the Trainer wraps (DDP) keeps the wrapper's own."""
+        model = self.model
+        model.zero_grad = _zero_grads_of(self._trainable_parameters(model)).__get__(model)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            del model.zero_grad
 
     @contextlib.contextmanager
     def _train_mode_kept(self, model):
@@ -185,6 +217,22 @@ class QLoRATrainer(Trainer):
         import torch
 
         return int(self.accelerator.gather(torch.tensor([tokens], device=self.args.device)).sum())
+
+
+def _zero_grads_of(parameters: list):
+    """A `zero_grad` for a model whose only gradients are those of `parameters` (as nn.Module's, without the walk)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in parameters:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().requires_grad_(False)
+                p.grad.zero_()
+
+    return zero_grad
 
 
 def _keep_mode(self, mode: bool = True):

@@ -123,3 +123,77 @@ def test_a_step_still_learns(tmp_path):
     trainer_for(model, tmp_path).train()
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed and len(changed) == len(before)
+
+
+def test_gradients_are_cleared_after_every_step_without_walking_the_model(tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    model = lora_model()
+    walks = []
+    real_zero_grad = torch.nn.Module.zero_grad
+    walk = lambda self, *a, **k: walks.append(self) or real_zero_grad(self, *a, **k)  # noqa: E731
+    monkeypatch.setattr(torch.nn.Module, "zero_grad", walk)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+
+    class Grads(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append(("begin", sum(p.grad is not None for p in trainable)))
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen.append(("optimizer", sum(p.grad is not None for p in trainable)))
+
+    trainer = trainer_for(model, tmp_path)
+    trainer.add_callback(Grads())
+    trainer.train()
+    assert seen == [("begin", 0), ("optimizer", len(trainable))] * STEPS
+    assert walks == []  # the Trainer's zero_grad calls went to the lean one
+    assert "zero_grad" not in vars(model)  # and it is gone after training
+    model.zero_grad()
+    assert walks == [model]
+
+
+def wide_lora_model():
+    """LoRA tensors large enough for 8-bit optimizer states (bitsandbytes keeps those under 4,096 in 32 bits)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=256,
+        vocab_size=64, max_position_embeddings=128,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return get_peft_model(LlamaForCausalLM(config), lora)
+
+
+def lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_bucketed_optimizer_trains_and_resumes_as_the_plain_one(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from qlora_trainer import speed
+
+    plain_model = wide_lora_model()
+    with monkeypatch.context() as m:
+        m.setattr(speed, "bucket_optimizer_parameters", lambda optimizer: [])
+        trainer_for(plain_model, tmp_path / "plain", optim="adamw_8bit").train()
+    made = []
+    real = speed.bucket_optimizer_parameters
+    monkeypatch.setattr(speed, "bucket_optimizer_parameters", lambda optimizer: made.extend(real(optimizer)) or made)
+    model = wide_lora_model()
+    trainer = trainer_for(model, tmp_path / "bucketed", optim="adamw_8bit", save_strategy="steps", save_steps=2)
+    trainer.train()
+    assert [len(b.members) for b in made] == [8]  # A and B of q and v in two blocks, 4,096 elements each
+    expected = lora_weights(plain_model)
+    assert all(torch.equal(p, expected[n]) for n, p in lora_weights(model).items())
+
+    # Resumed from the step-2 checkpoint (adapter, bucketed optimizer state), it ends where the others did.
+    made.clear()
+    resumed = wide_lora_model()
+    trainer_for(resumed, tmp_path / "resumed", optim="adamw_8bit").train(
+        resume_from_checkpoint=str(tmp_path / "bucketed" / "out" / "checkpoint-2")
+    )
+    assert made
+    assert all(torch.allclose(p, expected[n], atol=1e-6) for n, p in lora_weights(resumed).items())

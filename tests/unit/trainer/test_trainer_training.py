@@ -56,6 +56,8 @@ def test_training_arguments_map_every_field(tmp_path):
     assert args.save_total_limit == 3 and args.report_to == ["tensorboard"] and args.use_cpu
     assert not args.logging_nan_inf_filter  # it would read the loss back (a host sync) every micro-batch
     assert args.logging_steps == 0.01  # a hundred logs a run, each a read-back; every step up to 100 steps
+    # Pinned memory and copies that do not wait are for a GPU (on one, TrainingArguments needs CUDA here).
+    assert not args.dataloader_pin_memory and not args.accelerator_config.non_blocking
     # With packing the loader hands over a whole optimizer step: the same examples per step.
     packed = training_arguments(cfg, has_eval=False, packing=True)
     assert (packed.per_device_train_batch_size, packed.gradient_accumulation_steps) == (15, 1)
