@@ -23,15 +23,22 @@ trainer's collator), forward, backward, gradient clipping, optimizer.
   cprofile       the eager loop's Python functions by their own time, a few steps
   eager-aot      the blocks compiled with torch.compile's aot_eager backend (traced, no generated kernels):
                  how long the tracing takes and what it saves
+  eager-per-parameter-optimizer  the same with bitsandbytes' optimizer updating one tensor at a time (no
+                 speed.bucket_optimizer_parameters)
   eager+adamw    the same with fused AdamW instead of paged AdamW 8-bit (what the optimizer costs)
   trainer-asis   the product's QLoRATrainer as it was: the Trainer's per-step NaN filter (a host sync every
                  micro-batch), parameter count, clipping over every parameter and training-mode walk
+  trainer-blocking  QLoRATrainer with batches copied to the GPU from pageable memory, waiting for each copy
+                 (so for the GPU to finish the last step), as before
+  trainer-walk-zero-grad  QLoRATrainer with the Trainer's model.zero_grad() walking every module, as before
+  trainer-per-parameter-optimizer  QLoRATrainer with bitsandbytes' optimizer one tensor at a time, as before
   trainer        QLoRATrainer as training.py runs it, logging every step (as the product does in a run of up
                  to 100 steps; a longer one logs a hundred times)
   trainer-log10  the same, logging every 10th step
 
 For each: ms per step (the eager loop with one synchronisation per step and without, so host and GPU overlap
-across steps; the eager variants run `--rounds` times in turn and report their best round, as a lent machine's
+across steps; the eager variants run `--rounds` times in turn and report their best round (or with `--interleave`
+step by step in turn, each step timed alone, and report the median step), as a lent machine's
 host drifts by tens of per cent over a few minutes), useful tokens/s, MFU; the eager loop's profiler CPU and
 CUDA totals of one step with the operators that take the most host and GPU time (the CUDA total counts a kernel under its operator and under its
 own name, so it is about twice the GPU's time); cProfile of a few Trainer steps.
@@ -62,8 +69,9 @@ from trainer_speed import (  # noqa: E402
 )
 
 VARIANTS = (
-    "eager,eager-unfused,eager-native-swiglu,eager-fused-mlp,eager-native-rope,eager-varlen-op,eager-bnb-sync,phases,"
-    "cprofile,eager-peft,eager-liger-norm,eager+adamw,trainer-asis,trainer,trainer-log10,eager-aot"
+    "eager,eager-unfused,eager-per-parameter-optimizer,eager-native-swiglu,eager-fused-mlp,eager-native-rope,"
+    "eager-varlen-op,eager-bnb-sync,phases,cprofile,eager-peft,eager-liger-norm,eager+adamw,trainer-asis,"
+    "trainer-blocking,trainer-walk-zero-grad,trainer-per-parameter-optimizer,trainer,trainer-log10,eager-aot"
 )
 
 
@@ -74,6 +82,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--variants", default=VARIANTS)
     parser.add_argument("--rounds", type=int, default=3, help="times each eager variant runs, in turn")
+    parser.add_argument(
+        "--interleave", action="store_true",
+        help="eager variants one step each in a rotating order (A B C, B C A, ...), each step timed alone",
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run of the eager variants, tiny model")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +112,7 @@ def main(argv=None) -> int:
     speed.cache_dequantized_weights(model)
     speed.prepare_for_kbit_training_lean(model, 0)
     model = get_peft_model(model, lora_config())
+    model.train()  # as the Trainer leaves it (from_pretrained gives eval mode: no LoRA dropout at all)
     cuda = device.startswith("cuda")
     lean = speed.use_lean_lora(model) if cuda else 0
     fused = speed.fuse_projections(model) if cuda else 0  # as speed.configure does with the weight cache
@@ -196,12 +209,23 @@ def main(argv=None) -> int:
 
     variants = args.variants.split(",")
     opt = make_opt("paged")
-    fast_opt = make_opt("adamw") if "eager+adamw" in variants else None
+    buckets = speed.bucket_optimizer_parameters(opt)  # as QLoRATrainer.create_optimizer does
+    print(json.dumps({"optimizer_buckets": len(buckets), "bucketed": sum(len(b.members) for b in buckets)}), flush=True)
+    other_steps = {}
+    if "eager+adamw" in variants:
+        fast_opt = make_opt("adamw")
+        other_steps["eager+adamw"] = lambda b: eager_step(fast_opt, b)
+    if "eager-per-parameter-optimizer" in variants:
+        plain_opt = make_opt("paged")  # over the same parameters (views into the buckets), one at a time
+        other_steps["eager-per-parameter-optimizer"] = lambda b: eager_step(plain_opt, b)
     eager_labels = [v for v in variants if v in EAGER_TOGGLES and (cuda or v in ("eager", "eager+adamw"))]
-    measure_eager(
-        eager_labels, args.rounds, lambda label: eager_toggle(label, model, native_rope), record, row_of,
-        lambda b: eager_step(opt, b), lambda b: eager_step(fast_opt, b), rows,
-    )
+    toggle = lambda label: eager_toggle(label, model, native_rope)  # noqa: E731
+    if args.interleave:
+        measure_interleaved(eager_labels, toggle, lambda b: eager_step(opt, b), other_steps, steps, sync, row_of, rows)
+    else:
+        measure_eager(
+            eager_labels, args.rounds, toggle, record, row_of, lambda b: eager_step(opt, b), other_steps, rows
+        )
     if "eager" in variants:  # after the timings: the profiler may leave the process slower than it found it
         rows.append({"variant": "eager-profile", **profile(lambda b: eager_step(opt, b))})
     if "phases" in variants:
@@ -210,10 +234,9 @@ def main(argv=None) -> int:
     if "cprofile" in variants:
         rows.append(python_profile(lambda b: eager_step(opt, b), steps, sync))
         print(rows[-1]["cprofile"], flush=True)
-    for label in ("trainer-asis", "trainer", "trainer-log10"):
-        if label in variants:
-            profile_python = label == "trainer"
-            record_trainer(label, model, train, collate, rows, args, torch, fpt, profile_python=profile_python)
+    trainer_labels = [v for v in TRAINER_VARIANTS if v in variants]
+    measure_trainer(trainer_labels, args.rounds, lambda label, profile: trainer_run(
+        label, model, train, collate, args, torch, fpt, profile_python=profile), rows)
     if "eager-aot" in variants and cuda:
         speed.unfuse_projections(model)  # dynamo traces the plain per-layer forward
         layers = speed.decoder_layers(model)
@@ -251,13 +274,43 @@ def main(argv=None) -> int:
     return 0
 
 
+TRAINER_VARIANTS = (
+    "trainer-asis", "trainer-blocking", "trainer-walk-zero-grad", "trainer-per-parameter-optimizer", "trainer",
+    "trainer-log10",
+)
 EAGER_TOGGLES = (
-    "eager", "eager-unfused", "eager-native-swiglu", "eager-fused-mlp", "eager-native-rope", "eager-varlen-op",
-    "eager-bnb-sync", "eager-peft", "eager-liger-norm", "eager+adamw",
+    "eager", "eager-unfused", "eager-per-parameter-optimizer", "eager-native-swiglu", "eager-fused-mlp",
+    "eager-native-rope", "eager-varlen-op", "eager-bnb-sync", "eager-peft", "eager-liger-norm", "eager+adamw",
 )
 
 
-def measure_eager(labels, rounds, toggle, record, row_of, step, adamw_step, rows) -> None:
+def measure_interleaved(labels, toggle, step, other_steps, steps, sync, row_of, rows) -> None:
+    """The eager variants one step each in turn, in a rotating order, every step timed alone between
+    synchronisations (so a drifting host drifts under all of them alike, step by step); one row each, the median
+    step."""
+    import statistics
+
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for i, (batch, _) in enumerate(steps):
+        turn = i % len(labels)
+        for label in labels[turn:] + labels[:turn]:  # each variant first in turn: no place in the order favoured
+            with toggle(label):
+                run = other_steps.get(label, step)
+                sync()
+                t = time.perf_counter()
+                run(batch)
+                sync()
+                if i >= 3:  # after the warm-up steps
+                    times[label].append((time.perf_counter() - t) * 1e3)
+    for label in labels:
+        median = statistics.median(times[label])
+        row = row_of(label, [(median, median)])
+        row["ms_steps"] = [round(t, 1) for t in times[label]]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def measure_eager(labels, rounds, toggle, record, row_of, step, other_steps, rows) -> None:
     """Each eager variant's loop, `rounds` times in turn (A B C A B C ...), so that a host that drifts over the
     minutes of the run drifts under all of them alike; one row each, the best round with all of them."""
     timings: dict[str, list] = {label: [] for label in labels}
@@ -270,7 +323,7 @@ def measure_eager(labels, rounds, toggle, record, row_of, step, adamw_step, rows
             try:
                 with toggle(label) as info:
                     extra[label].update(info)
-                    timings[label].append(record(adamw_step if label == "eager+adamw" else step))
+                    timings[label].append(record(other_steps.get(label, step)))
             except Exception as exc:  # noqa: BLE001 - report and go on to the next variant
                 import traceback
 
@@ -437,12 +490,36 @@ def swap_norms(model, liger: bool) -> None:
                 module.forward = module._qlora_native
 
 
-def record_trainer(label, model, train, collate, rows, args, torch, fpt: float, profile_python: bool) -> None:
+def measure_trainer(labels, rounds, run, rows) -> None:
+    """Each Trainer variant `rounds` times in turn, as measure_eager does; one row each, its best round, with
+    the rounds' figures; then a few steps of `trainer` under cProfile."""
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
+    for _ in range(rounds):
+        for label in labels:
+            if not any("error" in r for r in runs[label]):
+                runs[label].append(run(label, False))
+    for label in labels:
+        failed = [r for r in runs[label] if "error" in r]
+        row = failed[0] if failed else dict(min(runs[label], key=lambda r: r["ms_overlapped"]))
+        if not failed:
+            row["ms_overlapped_rounds"] = [round(r["ms_overlapped"], 1) for r in runs[label]]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if "trainer" in labels:
+        profiled = run("trainer", True)
+        if "cprofile" in profiled:
+            print(profiled["cprofile"], flush=True)
+
+
+def trainer_run(label, model, train, collate, args, torch, fpt: float, profile_python: bool) -> dict:
     """The model trained by the product's QLoRATrainer for a few steps: ms per step from the step ends.
 
     trainer-asis: the Trainer's NaN filter (a sync each micro-batch) and its per-step parameter count, as
-    before; trainer: what training.py sets now; trainer-log10: the same, logging every 10th step instead of
-    every step (each logged step reads the loss and gradient norm back). Then a few steps under cProfile."""
+    before; trainer-blocking: batches copied to the GPU with a wait, from pageable memory, as before;
+    trainer-walk-zero-grad, trainer-per-parameter-optimizer: the Trainer's zero_grad and optimizer, as before;
+    trainer: what training.py sets now; trainer-log10: the same, logging every 10th step instead of every step
+    (each logged step reads the loss and gradient norm back). With `profile_python`, a few steps under cProfile
+    instead."""
     import contextlib
     import cProfile
     import io
@@ -491,6 +568,9 @@ def record_trainer(label, model, train, collate, rows, args, torch, fpt: float, 
         elif "gc" in last and len(marks) >= 3:  # collections during the timed steps only
             gc_ms.append((time.perf_counter() - last.pop("gc")) * 1e3)
 
+    # As training.training_arguments sets them on a GPU (trainer-asis and trainer-blocking: as it did before).
+    copies_overlap = torch.cuda.is_available() and label not in ("trainer-asis", "trainer-blocking")
+
     def build(steps):
         targs = TrainingArguments(
             output_dir=str(args.out / f"tmp-{label}"),
@@ -511,6 +591,8 @@ def record_trainer(label, model, train, collate, rows, args, torch, fpt: float, 
             seed=42,
             remove_unused_columns=False,
             dataloader_num_workers=0,
+            dataloader_pin_memory=copies_overlap,
+            accelerator_config={"non_blocking": copies_overlap},
             disable_tqdm=True,
             use_cpu=not torch.cuda.is_available(),
         )
@@ -523,11 +605,28 @@ def record_trainer(label, model, train, collate, rows, args, torch, fpt: float, 
             trainer.floating_point_ops = types.MethodType(Trainer.floating_point_ops, trainer)
             trainer._clip_grad_norm = types.MethodType(Trainer._clip_grad_norm, trainer)
             trainer._train_mode_kept = lambda model: contextlib.nullcontext()
+        if label in ("trainer-asis", "trainer-walk-zero-grad"):  # model.zero_grad() over every module, as before
+            trainer.train = types.MethodType(Trainer.train, trainer)
+        if label in ("trainer-asis", "trainer-per-parameter-optimizer"):  # bitsandbytes one tensor at a time
+            trainer.create_optimizer = types.MethodType(Trainer.create_optimizer, trainer)
         return trainer
 
     row = {"variant": label}
     try:
         warm = 3
+        if profile_python:
+            trainer = build(4)
+            prof = cProfile.Profile()
+            prof.enable()
+            trainer.train()
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+            # Who walks the model's modules in a step (each walk is host time the GPU may wait for).
+            walks = r"\(named_parameters\)|\(parameters\)|\(modules\)|\(named_modules\)"
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_callers(walks)
+            return {"variant": label, "cprofile": text.getvalue()}
         trainer = build(warm + args.steps)
         gc.callbacks.append(gc_clock)
         trainer.train()
@@ -541,25 +640,12 @@ def record_trainer(label, model, train, collate, rows, args, torch, fpt: float, 
         row["tok_s"] = tokens / per_step
         row["mfu"] = speed.mfu(row["tok_s"], fpt)
         row["peak_gib"] = torch.cuda.max_memory_allocated() / speed.GIB if torch.cuda.is_available() else 0.0
-        if profile_python:
-            trainer = build(4)
-            prof = cProfile.Profile()
-            prof.enable()
-            trainer.train()
-            prof.disable()
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
-            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
-            row["cprofile"] = text.getvalue()
     except Exception as exc:  # noqa: BLE001
         import traceback
 
         traceback.print_exc()
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-    rows.append(row)
-    print(json.dumps({k: v for k, v in row.items() if k != "cprofile"}), flush=True)
-    if "cprofile" in row:
-        print(row["cprofile"], flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -350,6 +350,8 @@ def run_setting(name: str, args) -> dict[str, Any]:
         data_seed=42,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # The product's copies to the GPU do not wait (training.training_arguments); the guide's do.
+        accelerator_config={"non_blocking": cuda and token_budget is not None},
         disable_tqdm=True,
         use_cpu=not cuda,
     )
