@@ -430,15 +430,23 @@ def test_bucketed_parameters_get_the_updates_they_would_get_alone(optimizer):
     assert buckets[0].members == bucketed[:3] and buckets[0].flat.numel() == 8192 + 8192 + 4096
     assert bucketed[1].data_ptr() == buckets[0].flat.data_ptr() + 8192 * 4  # a view: nothing copied per step
     assert len(bucketed_opt.param_groups[0]["params"]) == 3  # the bucket and the two left alone
-    for step in range(4):
+    for step in range(6):
         grads = [torch.randn(shape) for shape in shapes]
+        if step == 4:
+            grads[1] = None  # skipped by the per-tensor optimizer: the buckets are split back into their members
         for ps, opt in ((plain, plain_opt), (bucketed, bucketed_opt)):
             for p, g in zip(ps, grads):
-                p.grad = g.clone()
+                p.grad = None if g is None else g.clone()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            assert all(p.grad is None for p in ps)  # the members' gradients too
         for a, b in zip(plain, bucketed):
             assert torch.equal(a, b), step
+        groups = bucketed_opt.param_groups[0]["params"]
+        if step < 4:
+            assert len(bucketed_opt._qlora_buckets) == 1 and len(groups) == 3
+        else:  # as the per-tensor optimizer holds them, in its order
+            assert not bucketed_opt._qlora_buckets and [id(p) for p in groups] == [id(p) for p in bucketed]
     assert speed.bucket_optimizer_parameters(bucketed_opt) == []  # once, before the first step
 
 
@@ -455,14 +463,13 @@ def test_buckets_keep_states_where_their_members_would_and_skip_what_would_chang
     # Without paging, size does not matter.
     _, _, (_, unpaged) = bucket_case(shapes, bnb.optim.AdamW8bit)
     assert [len(b.members) for b in speed.bucket_optimizer_parameters(unpaged)] == [6]
-    # A member without a gradient counts as zero while the others have one; none at all: the bucket is skipped.
-    members = bucket.members
-    for p in members:
-        p.grad = None
-    members[0].grad = torch.ones(16, 2560)
+    # The members' gradients gathered in order; none at all: the bucket has none, and the optimizer skips it.
+    for i, member in enumerate(bucket.members):
+        member.grad = torch.full_like(member, float(i))
     bucket.gather_grads()
-    assert bucket.flat.grad[:40960].eq(1).all() and bucket.flat.grad[40960:].eq(0).all()
-    members[0].grad = None
+    assert torch.equal(bucket.flat.grad, torch.arange(5.0).repeat_interleave(40960))
+    for member in bucket.members:
+        member.grad = None
     bucket.gather_grads()
     assert bucket.flat.grad is None
     # Optimizers whose update is not element by element, and torch's own, are left as they are.

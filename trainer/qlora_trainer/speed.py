@@ -880,17 +880,28 @@ class ParameterBucket:
     members: list
 
     def gather_grads(self) -> None:
+        """The members' gradients into the bucket's; none if no member has one (the optimizer skips it, as it
+        would skip each member). Only for all or none: with some, the buckets are split (`split_buckets`)."""
         import torch
 
-        grads = [m.grad for m in self.members]
-        if all(g is None for g in grads):
-            self.flat.grad = None  # the optimizer skips it, as it would skip each member
+        if self.members[0].grad is None:
+            self.flat.grad = None
             return
         if self.flat.grad is None:
             self.flat.grad = torch.empty_like(self.flat)
-        parts = [g.reshape(-1) if g is not None else torch.zeros(m.numel(), dtype=m.dtype, device=m.device)
-                 for g, m in zip(grads, self.members)]
-        torch.cat(parts, out=self.flat.grad)
+        torch.cat([m.grad.reshape(-1) for m in self.members], out=self.flat.grad)
+
+
+def clear_grads(params: Iterable[Any], set_to_none: bool = True) -> None:
+    """What `zero_grad` does to each parameter's gradient, for the parameters given."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if set_to_none:
+            p.grad = None
+        else:
+            p.grad.detach_().requires_grad_(False)
+            p.grad.zero_()
 
 
 def bucket_optimizer_parameters(optimizer: Any) -> list[ParameterBucket]:
@@ -904,9 +915,12 @@ def bucket_optimizer_parameters(optimizer: Any) -> list[ParameterBucket]:
     member starts a new 256-element block of the 8-bit state (only members of a multiple of 256 elements are
     taken), members keep the state size they had (8 bits: only members of at least `min_8bit_size`) and the
     place: a paged optimizer pages only states from `BNB_PAGED_FROM` elements, so members below it are taken and
-    the bucket's states are kept in device memory as theirs were. A pre-step hook copies the members' gradients
-    into the bucket's (a member without one counts as zero while another member has one). Only before the first
-    step, without per-parameter overrides, and without `max_unorm` (a per-tensor norm)."""
+    the bucket's states are kept in device memory as theirs were. Before each step a hook copies the members'
+    gradients into the bucket's; a step where only some members of a bucket have one splits the buckets back
+    into their members, states and all (`split_buckets`), so that those without are skipped as they would be.
+    The optimizer's `zero_grad` clears the members' gradients too. Only before the first step, without
+    per-parameter overrides (bitsandbytes keys some by position, which buckets change), and without `max_unorm`
+    (a per-tensor norm)."""
     try:
         from bitsandbytes.optim.optimizer import GlobalOptimManager, Optimizer8bit
     except ImportError:
@@ -916,9 +930,9 @@ def bucket_optimizer_parameters(optimizer: Any) -> list[ParameterBucket]:
     name = getattr(optimizer, "optimizer_name", None)
     if not isinstance(optimizer, Optimizer8bit) or name not in ELEMENTWISE_BNB_UPDATES or optimizer.state:
         return []
-    if getattr(optimizer.args, "max_unorm", 0.0) > 0.0:
-        return []
     manager = GlobalOptimManager.get_instance()
+    if getattr(optimizer.args, "max_unorm", 0.0) > 0.0 or manager.index2config:
+        return []
     overridden = set(manager.pid2config) | {id(getattr(m, attr)) for m, attr, _ in manager.module_weight_config_triple}
     min_8bit, paged = optimizer.args.min_8bit_size, optimizer.is_paged
 
@@ -929,6 +943,7 @@ def bucket_optimizer_parameters(optimizer: Any) -> list[ParameterBucket]:
         return n % BNB_BLOCK == 0 and n >= min_8bit and not (paged and n >= BNB_PAGED_FROM)
 
     buckets: list[ParameterBucket] = []
+    original = [list(group["params"]) for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         kept, takers = [], {}
         for param in group["params"]:
@@ -950,29 +965,79 @@ def bucket_optimizer_parameters(optimizer: Any) -> list[ParameterBucket]:
             kept.append(flat)
         group["params"] = kept
     if buckets:
-        _keep_bucket_states_unpaged(optimizer)
-
-        def gather_grads(optimizer: Any, args: Any, kwargs: Any) -> None:
-            for bucket in buckets:
-                bucket.gather_grads()
-
-        optimizer.register_step_pre_hook(gather_grads)
+        _attach_buckets(optimizer, buckets, original)
     return buckets
 
 
-def _keep_bucket_states_unpaged(optimizer: Any) -> None:
-    """A bucket's states in device memory, as its members' would be (each below the paging size); any other
-    parameter's as bitsandbytes decides."""
+def _attach_buckets(optimizer: Any, buckets: list[ParameterBucket], original: list[list]) -> None:
+    """The hooks that keep a bucketed optimizer doing what it did per parameter: gradients gathered before each
+    step (or every bucket split, when some member of one has none), states of buckets kept out of paged memory,
+    members' gradients cleared by `zero_grad`. `optimizer._qlora_buckets` are the buckets in use and
+    `optimizer._qlora_original` each group's parameters as they were."""
     import torch
 
-    own = optimizer.get_state_buffer
+    optimizer._qlora_buckets, optimizer._qlora_original = buckets, original
+
+    def before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+        if any(len({m.grad is None for m in b.members}) > 1 for b in buckets):
+            split_buckets(optimizer)
+        for bucket in buckets:
+            bucket.gather_grads()
+
+    optimizer.register_step_pre_hook(before_step)
+    own_state_buffer, own_zero_grad = optimizer.get_state_buffer, optimizer.zero_grad
 
     def get_state_buffer(p: Any, dtype: Any = torch.float32) -> Any:
-        if getattr(p, "_qlora_bucket", False):
+        if getattr(p, "_qlora_bucket", False):  # as its members' would be: each is below the paging size
             return torch.zeros_like(p, dtype=dtype, device=p.device)
-        return own(p, dtype=dtype)
+        return own_state_buffer(p, dtype=dtype)
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        own_zero_grad(set_to_none)
+        clear_grads((m for b in buckets for m in b.members), set_to_none)
 
     optimizer.get_state_buffer = get_state_buffer
+    optimizer.zero_grad = zero_grad
+
+
+def split_buckets(optimizer: Any) -> int:
+    """Undo the buckets of an optimizer (or of an accelerate wrapper's): each group holds its parameters as it
+    did before, in the same order, each with its slice of its bucket's state (members start on 8-bit block
+    boundaries, so every state and scale slices exactly), and each is updated on its own from here on. For a
+    step where some member of a bucket has no gradient (the per-tensor optimizer skips it) and for a checkpoint
+    of per-tensor state. Returns how many buckets."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    buckets = getattr(inner, "_qlora_buckets", [])
+    count = len(buckets)
+    for bucket in buckets:
+        state = inner.state.pop(bucket.flat, None)
+        start = 0
+        for member in bucket.members:
+            if state:
+                inner.state[member] = {
+                    key: _state_slice(key, value, start, member, bucket.flat.numel()) for key, value in state.items()
+                }
+            start += member.numel()
+        bucket.flat.grad = None
+    if count:
+        for group, params in zip(inner.param_groups, inner._qlora_original):
+            group["params"] = list(params)
+        buckets.clear()
+    return count
+
+
+def _state_slice(key: str, value: Any, start: int, member: Any, total: int) -> Any:
+    """A member's part of one entry of a bucket's optimizer state."""
+    import torch
+
+    if not isinstance(value, torch.Tensor) or key.startswith("qmap"):
+        return value  # the step count; the quantization maps all states share
+    n = member.numel()
+    if value.numel() == total:
+        return value.reshape(-1)[start : start + n].clone().view_as(member)
+    if key.startswith("absmax"):
+        return value[start // BNB_BLOCK : (start + n) // BNB_BLOCK].clone()
+    raise RuntimeError(f"optimizer state {key!r} of shape {tuple(value.shape)}: no way to split it by parameter")
 
 
 def compile_layers(model: Any, mode: str | None = None) -> int:

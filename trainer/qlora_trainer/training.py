@@ -144,10 +144,12 @@ class QLoRATrainer(Trainer):
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with bitsandbytes' updating the LoRA weights a bucket at a time instead of
-        one tensor at a time (`speed.bucket_optimizer_parameters`: the same arithmetic, less host time)."""
+        one tensor at a time (`speed.bucket_optimizer_parameters`: the same arithmetic, less host time). Not
+        under fp16's gradient scaler, which unscales the gradients the optimizer's groups hold before the step
+        (the bucket's are gathered at the step)."""
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        if fresh:
+        if fresh and getattr(self.accelerator, "scaler", None) is None:
             buckets = speed.bucket_optimizer_parameters(optimizer)
             if buckets:
                 log.info(
@@ -156,12 +158,22 @@ class QLoRATrainer(Trainer):
                 )
         return optimizer
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """The Trainer's, after splitting the optimizer's buckets when the checkpoint's state is one tensor at a
+        time (written before the trainer bucketed them): a run resumes across that upgrade."""
+        if checkpoint is not None and _saved_optimizer_groups(checkpoint) == _unbucketed_groups(self.optimizer):
+            if speed.split_buckets(self.optimizer):
+                log.info("optimizer: %s holds one state per tensor; updating one tensor at a time", checkpoint)
+        return super()._load_optimizer_and_scheduler(checkpoint)
+
     def train(self, *args: Any, **kwargs: Any):
         """The Trainer's `train`, with `model.zero_grad()` (called after every optimizer step, a walk over every
         module and parameter) going over the trainable parameters only while it runs: the frozen ones have no
-        gradient. A model the Trainer wraps (DDP) keeps the wrapper's own."""
+        gradient. They are looked up at the first call, after a checkpoint is loaded. A model the Trainer wraps
+        (DDP) keeps the wrapper's own."""
         model = self.model
-        model.zero_grad = _zero_grads_of(self._trainable_parameters(model)).__get__(model)
+        self._trainable = None
+        model.zero_grad = _zero_grads_of(lambda: self._trainable_parameters(model)).__get__(model)
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -219,20 +231,33 @@ class QLoRATrainer(Trainer):
         return int(self.accelerator.gather(torch.tensor([tokens], device=self.args.device)).sum())
 
 
-def _zero_grads_of(parameters: list):
-    """A `zero_grad` for a model whose only gradients are those of `parameters` (as nn.Module's, without the walk)."""
+def _zero_grads_of(parameters):
+    """A `zero_grad` for a model whose only gradients are those of `parameters()` (as nn.Module's, without the
+    walk over every module)."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in parameters:
-            if p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                p.grad.detach_().requires_grad_(False)
-                p.grad.zero_()
+        speed.clear_grads(parameters(), set_to_none)
 
     return zero_grad
+
+
+def _saved_optimizer_groups(checkpoint) -> list[int] | None:
+    """How many parameters each group of a checkpoint's optimizer state holds (None without one)."""
+    import torch
+    from transformers.trainer import OPTIMIZER_NAME
+
+    path = Path(checkpoint) / OPTIMIZER_NAME
+    if not path.is_file():
+        return None
+    return [len(g["params"]) for g in torch.load(path, map_location="cpu", weights_only=True)["param_groups"]]
+
+
+def _unbucketed_groups(optimizer) -> list[int] | None:
+    """How many parameters each group of a bucketed optimizer holds with its buckets split (None unbucketed)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not getattr(inner, "_qlora_buckets", None):
+        return None
+    return [len(params) for params in inner._qlora_original]
 
 
 def _keep_mode(self, mode: bool = True):

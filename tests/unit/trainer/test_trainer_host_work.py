@@ -178,7 +178,7 @@ def test_bucketed_optimizer_trains_and_resumes_as_the_plain_one(tmp_path, monkey
     plain_model = wide_lora_model()
     with monkeypatch.context() as m:
         m.setattr(speed, "bucket_optimizer_parameters", lambda optimizer: [])
-        trainer_for(plain_model, tmp_path / "plain", optim="adamw_8bit").train()
+        trainer_for(plain_model, tmp_path / "plain", optim="adamw_8bit", save_strategy="steps", save_steps=2).train()
     made = []
     real = speed.bucket_optimizer_parameters
     monkeypatch.setattr(speed, "bucket_optimizer_parameters", lambda optimizer: made.extend(real(optimizer)) or made)
@@ -197,3 +197,21 @@ def test_bucketed_optimizer_trains_and_resumes_as_the_plain_one(tmp_path, monkey
     )
     assert made
     assert all(torch.allclose(p, expected[n], atol=1e-6) for n, p in lora_weights(resumed).items())
+
+    # From a checkpoint of one state per tensor (written before buckets): the buckets are split, and it ends there too.
+    made.clear()
+    upgraded = wide_lora_model()
+    trainer = trainer_for(upgraded, tmp_path / "upgraded", optim="adamw_8bit")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "out" / "checkpoint-2"))
+    assert made and trainer.optimizer.optimizer._qlora_buckets == []
+    assert all(torch.allclose(p, expected[n], atol=1e-6) for n, p in lora_weights(upgraded).items())
+
+
+def test_no_buckets_under_the_fp16_gradient_scaler(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    trainer = trainer_for(wide_lora_model(), tmp_path, optim="adamw_8bit")
+    # fp16 needs a GPU here; the scaler is what the choice depends on (it unscales the groups' gradients).
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    optimizer = trainer.create_optimizer()
+    assert not getattr(optimizer, "_qlora_buckets", None)
+    assert len(optimizer.param_groups[0]["params"]) == 8  # A and B of q and v in two blocks, one by one
