@@ -450,6 +450,27 @@ def test_bucketed_parameters_get_the_updates_they_would_get_alone(optimizer):
     assert speed.bucket_optimizer_parameters(bucketed_opt) == []  # once, before the first step
 
 
+def test_buckets_are_split_when_a_member_stops_being_a_view():
+    import torch
+
+    bnb = pytest.importorskip("bitsandbytes")
+    shapes = [(16, 512), (512, 16)]
+    plain, bucketed, (plain_opt, bucketed_opt) = bucket_case(shapes, bnb.optim.AdamW8bit)
+    (bucket,) = speed.bucket_optimizer_parameters(bucketed_opt)
+    for step in range(3):
+        if step == 1:
+            bucketed[1].data = bucketed[1].data.clone()  # as a module.to() that copies would
+            assert not bucket.intact()
+        grads = [torch.randn(shape) for shape in shapes]
+        for ps, opt in ((plain, plain_opt), (bucketed, bucketed_opt)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+            opt.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(plain, bucketed)), step  # the copy is updated, not the bucket
+    assert not bucketed_opt._qlora_buckets
+
+
 def test_buckets_keep_states_where_their_members_would_and_skip_what_would_change():
     import torch
 
@@ -472,6 +493,10 @@ def test_buckets_keep_states_where_their_members_would_and_skip_what_would_chang
         member.grad = None
     bucket.gather_grads()
     assert bucket.flat.grad is None
+    # A loaded state of another size (a checkpoint of another layout) is told apart.
+    assert speed.bucket_states_fit(opt)
+    opt.state[bucket.flat] = {"step": 3, "state1": torch.zeros(4 * 40960, dtype=torch.uint8)}
+    assert not speed.bucket_states_fit(opt)
     # Optimizers whose update is not element by element, and torch's own, are left as they are.
     for cls in (bnb.optim.LAMB8bit, torch.optim.AdamW):
         _, _, (_, other) = bucket_case(shapes, cls)

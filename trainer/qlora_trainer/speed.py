@@ -879,6 +879,16 @@ class ParameterBucket:
     flat: Any
     members: list
 
+    def intact(self) -> bool:
+        """Whether every member's data is still its view into `flat` (a `module.to()` that copies, say, would
+        leave the optimizer updating a bucket that nothing reads)."""
+        at, size = self.flat.data_ptr(), self.flat.element_size()
+        for member in self.members:
+            if member.data_ptr() != at:
+                return False
+            at += member.numel() * size
+        return True
+
     def gather_grads(self) -> None:
         """The members' gradients into the bucket's; none if no member has one (the optimizer skips it, as it
         would skip each member). Only for all or none: with some, the buckets are split (`split_buckets`)."""
@@ -971,7 +981,8 @@ def bucket_optimizer_parameters(optimizer: Any) -> list[ParameterBucket]:
 
 def _attach_buckets(optimizer: Any, buckets: list[ParameterBucket], original: list[list]) -> None:
     """The hooks that keep a bucketed optimizer doing what it did per parameter: gradients gathered before each
-    step (or every bucket split, when some member of one has none), states of buckets kept out of paged memory,
+    step (or every bucket split, when some member of one has none or is no longer a view into it), states of
+    buckets kept out of paged memory,
     members' gradients cleared by `zero_grad`. `optimizer._qlora_buckets` are the buckets in use and
     `optimizer._qlora_original` each group's parameters as they were."""
     import torch
@@ -979,7 +990,7 @@ def _attach_buckets(optimizer: Any, buckets: list[ParameterBucket], original: li
     optimizer._qlora_buckets, optimizer._qlora_original = buckets, original
 
     def before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-        if any(len({m.grad is None for m in b.members}) > 1 for b in buckets):
+        if any(len({m.grad is None for m in b.members}) > 1 or not b.intact() for b in buckets):
             split_buckets(optimizer)
         for bucket in buckets:
             bucket.gather_grads()
@@ -1004,8 +1015,9 @@ def split_buckets(optimizer: Any) -> int:
     """Undo the buckets of an optimizer (or of an accelerate wrapper's): each group holds its parameters as it
     did before, in the same order, each with its slice of its bucket's state (members start on 8-bit block
     boundaries, so every state and scale slices exactly), and each is updated on its own from here on. For a
-    step where some member of a bucket has no gradient (the per-tensor optimizer skips it) and for a checkpoint
-    of per-tensor state. Returns how many buckets."""
+    step where some member of a bucket has no gradient (the per-tensor optimizer skips it) or is no longer a view
+    into it, and for a checkpoint of per-tensor state. bitsandbytes' overrides keyed by position are worked out
+    again for the positions restored. Returns how many buckets."""
     inner = getattr(optimizer, "optimizer", optimizer)
     buckets = getattr(inner, "_qlora_buckets", [])
     count = len(buckets)
@@ -1023,7 +1035,23 @@ def split_buckets(optimizer: Any) -> int:
         for group, params in zip(inner.param_groups, inner._qlora_original):
             group["params"] = list(params)
         buckets.clear()
+        if inner.initialized:  # its first step mapped module overrides to the bucketed positions
+            from bitsandbytes.optim.optimizer import GlobalOptimManager
+
+            GlobalOptimManager.get_instance().index2config.clear()  # empty before bucketing (or none are made)
+            inner.check_overrides()
     return count
+
+
+def bucket_states_fit(optimizer: Any) -> bool:
+    """Whether every bucket's loaded state has the bucket's size (a checkpoint of another layout that happens to
+    have as many parameters per group would not: bitsandbytes' kernels would read past it)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for bucket in getattr(inner, "_qlora_buckets", []):
+        state1 = inner.state.get(bucket.flat, {}).get("state1")
+        if state1 is not None and state1.numel() != bucket.flat.numel():
+            return False
+    return True
 
 
 def _state_slice(key: str, value: Any, start: int, member: Any, total: int) -> Any:

@@ -160,11 +160,19 @@ class QLoRATrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """The Trainer's, after splitting the optimizer's buckets when the checkpoint's state is one tensor at a
-        time (written before the trainer bucketed them): a run resumes across that upgrade."""
-        if checkpoint is not None and _saved_optimizer_groups(checkpoint) == _unbucketed_groups(self.optimizer):
-            if speed.split_buckets(self.optimizer):
-                log.info("optimizer: %s holds one state per tensor; updating one tensor at a time", checkpoint)
-        return super()._load_optimizer_and_scheduler(checkpoint)
+        time (written before the trainer bucketed them): a run resumes across that upgrade. A state of another
+        layout is refused rather than read past its end."""
+        unbucketed = _unbucketed_groups(self.optimizer) if checkpoint is not None else None
+        if unbucketed is not None and _saved_optimizer_groups(checkpoint) == unbucketed:
+            speed.split_buckets(self.optimizer)
+            log.info("optimizer: %s holds one state per tensor; updating one tensor at a time", checkpoint)
+        loaded = super()._load_optimizer_and_scheduler(checkpoint)
+        if not speed.bucket_states_fit(self.optimizer):
+            raise RuntimeError(
+                f"the optimizer state in {checkpoint} does not fit this run's optimizer (written with another "
+                "optimizer or trainer version?): resume from a checkpoint of this configuration, or start afresh"
+            )
+        return loaded
 
     def train(self, *args: Any, **kwargs: Any):
         """The Trainer's `train`, with `model.zero_grad()` (called after every optimizer step, a walk over every
@@ -249,7 +257,8 @@ def _saved_optimizer_groups(checkpoint) -> list[int] | None:
     path = Path(checkpoint) / OPTIMIZER_NAME
     if not path.is_file():
         return None
-    return [len(g["params"]) for g in torch.load(path, map_location="cpu", weights_only=True)["param_groups"]]
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return [len(g["params"]) for g in saved["param_groups"]]
 
 
 def _unbucketed_groups(optimizer) -> list[int] | None:
