@@ -1,6 +1,8 @@
 """QLoRATrainer leaves out the Trainer's per-step walks over the whole model (what a host-bound GPU step waits
-for) without changing what a step does: FLOPs still counted, gradients clipped the same, dropout on in every
-training step and off in every evaluation. A tiny fp32 Llama with LoRA on the CPU; timings live in bench/."""
+for) and updates the LoRA weights in one optimizer bucket without changing what a step does: FLOPs still counted,
+gradients clipped the same and cleared after every step, dropout on in every training step and off in every
+evaluation, the same weights as the per-tensor optimizer, resumes from either kind of checkpoint. A tiny fp32
+Llama with LoRA on the CPU; timings live in bench/."""
 
 from __future__ import annotations
 
