@@ -40,8 +40,8 @@ For each: ms per step (the eager loop with one synchronisation per step and with
 across steps; the eager variants run `--rounds` times in turn and report their best round (or with `--interleave`
 step by step in turn, each step timed alone, and report the median step), as a lent machine's
 host drifts by tens of per cent over a few minutes), useful tokens/s, MFU; the eager loop's profiler CPU and
-CUDA totals of one step with the operators that take the most host and GPU time (the CUDA total counts a kernel under its operator and under its
-own name, so it is about twice the GPU's time); cProfile of a few Trainer steps.
+CUDA totals of one step with the operators that take the most host and GPU time (the CUDA total counts a kernel
+under its operator and under its own name, so it is about twice the GPU's time); cProfile of a few Trainer steps.
 """
 
 from __future__ import annotations
@@ -454,22 +454,36 @@ def phases(model, opt, steps, loss_kwargs, device, sync, torch) -> dict:
 
 def python_profile(step, steps, sync) -> dict:
     """cProfile of a few eager steps: the Python functions by their own time."""
+    for batch, _ in steps[:2]:
+        step(batch)
+    sync()
+
+    def three_steps():
+        for batch, _ in steps[3:6]:
+            step(batch)
+        sync()
+
+    return {"variant": "cprofile", "cprofile": cprofile_text(three_steps, own=35)}
+
+
+def cprofile_text(run, own: int, cumulative: int = 0, callers: str | None = None) -> str:
+    """`run()` under cProfile: its `own` functions of most own time, `cumulative` of most time with their
+    callees, and the callers of the functions matching `callers`."""
     import cProfile
     import io
     import pstats
 
-    for batch, _ in steps[:2]:
-        step(batch)
-    sync()
     prof = cProfile.Profile()
     prof.enable()
-    for batch, _ in steps[3:6]:
-        step(batch)
-    sync()
+    run()
     prof.disable()
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(35)
-    return {"variant": "cprofile", "cprofile": text.getvalue()}
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(own)
+    if cumulative:
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(cumulative)
+    if callers:
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_callers(callers)
+    return text.getvalue()
 
 
 def swap_norms(model, liger: bool) -> None:
@@ -521,9 +535,6 @@ def trainer_run(label, model, train, collate, args, torch, fpt: float, profile_p
     (each logged step reads the loss and gradient norm back). With `profile_python`, a few steps under cProfile
     instead."""
     import contextlib
-    import cProfile
-    import io
-    import pstats
     import types
 
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -615,18 +626,9 @@ def trainer_run(label, model, train, collate, args, torch, fpt: float, profile_p
     try:
         warm = 3
         if profile_python:
-            trainer = build(4)
-            prof = cProfile.Profile()
-            prof.enable()
-            trainer.train()
-            prof.disable()
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
-            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
-            # Who walks the model's modules in a step (each walk is host time the GPU may wait for).
+            # Who walks the model's modules in a step, too (each walk is host time the GPU may wait for).
             walks = r"\(named_parameters\)|\(parameters\)|\(modules\)|\(named_modules\)"
-            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_callers(walks)
-            return {"variant": label, "cprofile": text.getvalue()}
+            return {"variant": label, "cprofile": cprofile_text(build(4).train, own=18, cumulative=40, callers=walks)}
         trainer = build(warm + args.steps)
         gc.callbacks.append(gc_clock)
         trainer.train()

@@ -417,6 +417,17 @@ def bucket_case(shapes, optimizer_cls, **kwargs):
     return plain, bucketed, opts
 
 
+def step_alike(pairs, grads):
+    """One step of each (parameters, optimizer) pair with the same gradients (None: no gradient), then
+    zero_grad; asserts every gradient is gone after it, the bucket members' too."""
+    for ps, opt in pairs:
+        for p, g in zip(ps, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in ps)
+
+
 @pytest.mark.parametrize("optimizer", ["AdamW8bit", "PagedAdamW8bit", "Lion8bit", "AdamW"])
 def test_bucketed_parameters_get_the_updates_they_would_get_alone(optimizer):
     import torch
@@ -434,12 +445,7 @@ def test_bucketed_parameters_get_the_updates_they_would_get_alone(optimizer):
         grads = [torch.randn(shape) for shape in shapes]
         if step == 4:
             grads[1] = None  # skipped by the per-tensor optimizer: the buckets are split back into their members
-        for ps, opt in ((plain, plain_opt), (bucketed, bucketed_opt)):
-            for p, g in zip(ps, grads):
-                p.grad = None if g is None else g.clone()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            assert all(p.grad is None for p in ps)  # the members' gradients too
+        step_alike(((plain, plain_opt), (bucketed, bucketed_opt)), grads)
         for a, b in zip(plain, bucketed):
             assert torch.equal(a, b), step
         groups = bucketed_opt.param_groups[0]["params"]
@@ -461,12 +467,7 @@ def test_buckets_are_split_when_a_member_stops_being_a_view():
         if step == 1:
             bucketed[1].data = bucketed[1].data.clone()  # as a module.to() that copies would
             assert not bucket.intact()
-        grads = [torch.randn(shape) for shape in shapes]
-        for ps, opt in ((plain, plain_opt), (bucketed, bucketed_opt)):
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-            opt.step()
-            opt.zero_grad()
+        step_alike(((plain, plain_opt), (bucketed, bucketed_opt)), [torch.randn(shape) for shape in shapes])
         assert all(torch.equal(a, b) for a, b in zip(plain, bucketed)), step  # the copy is updated, not the bucket
     assert not bucketed_opt._qlora_buckets
 

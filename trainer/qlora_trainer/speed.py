@@ -31,7 +31,7 @@ import math
 import os
 import types
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -879,15 +879,18 @@ class ParameterBucket:
     flat: Any
     members: list
 
+    def spans(self) -> Iterator[tuple[Any, int]]:
+        """Each member with where its elements start in `flat`."""
+        start = 0
+        for member in self.members:
+            yield member, start
+            start += member.numel()
+
     def intact(self) -> bool:
         """Whether every member's data is still its view into `flat` (a `module.to()` that copies, say, would
         leave the optimizer updating a bucket that nothing reads)."""
         at, size = self.flat.data_ptr(), self.flat.element_size()
-        for member in self.members:
-            if member.data_ptr() != at:
-                return False
-            at += member.numel() * size
-        return True
+        return all(member.data_ptr() == at + start * size for member, start in self.spans())
 
     def gather_grads(self) -> None:
         """The members' gradients into the bucket's; none if no member has one (the optimizer skips it, as it
@@ -965,14 +968,12 @@ def bucket_optimizer_parameters(optimizer: Any) -> list[ParameterBucket]:
             if len(members) == 1:
                 kept.extend(members)
                 continue
-            flat = torch.nn.Parameter(torch.cat([m.detach().reshape(-1) for m in members]))
-            flat._qlora_bucket = True  # never bucketed again: its members' views would be left behind
-            start = 0
-            for member in members:
-                member.data = flat.data[start : start + member.numel()].view_as(member)
-                start += member.numel()
-            buckets.append(ParameterBucket(flat, members))
-            kept.append(flat)
+            bucket = ParameterBucket(torch.nn.Parameter(torch.cat([m.detach().reshape(-1) for m in members])), members)
+            bucket.flat._qlora_bucket = True  # never bucketed again: its members' views would be left behind
+            for member, start in bucket.spans():
+                member.data = bucket.flat.data[start : start + member.numel()].view_as(member)
+            buckets.append(bucket)
+            kept.append(bucket.flat)
         group["params"] = kept
     if buckets:
         _attach_buckets(optimizer, buckets, original)
@@ -982,9 +983,8 @@ def bucket_optimizer_parameters(optimizer: Any) -> list[ParameterBucket]:
 def _attach_buckets(optimizer: Any, buckets: list[ParameterBucket], original: list[list]) -> None:
     """The hooks that keep a bucketed optimizer doing what it did per parameter: gradients gathered before each
     step (or every bucket split, when some member of one has none or is no longer a view into it), states of
-    buckets kept out of paged memory,
-    members' gradients cleared by `zero_grad`. `optimizer._qlora_buckets` are the buckets in use and
-    `optimizer._qlora_original` each group's parameters as they were."""
+    buckets kept out of paged memory, members' gradients cleared by `zero_grad`. `optimizer._qlora_buckets` are
+    the buckets in use and `optimizer._qlora_original` each group's parameters as they were."""
     import torch
 
     optimizer._qlora_buckets, optimizer._qlora_original = buckets, original
@@ -1018,18 +1018,15 @@ def split_buckets(optimizer: Any) -> int:
     step where some member of a bucket has no gradient (the per-tensor optimizer skips it) or is no longer a view
     into it, and for a checkpoint of per-tensor state. bitsandbytes' overrides keyed by position are worked out
     again for the positions restored. Returns how many buckets."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = _unwrapped(optimizer)
     buckets = getattr(inner, "_qlora_buckets", [])
     count = len(buckets)
     for bucket in buckets:
         state = inner.state.pop(bucket.flat, None)
-        start = 0
-        for member in bucket.members:
-            if state:
-                inner.state[member] = {
-                    key: _state_slice(key, value, start, member, bucket.flat.numel()) for key, value in state.items()
-                }
-            start += member.numel()
+        for member, start in bucket.spans() if state else ():
+            inner.state[member] = {
+                key: _state_slice(key, value, start, member, bucket.flat.numel()) for key, value in state.items()
+            }
         bucket.flat.grad = None
     if count:
         for group, params in zip(inner.param_groups, inner._qlora_original):
@@ -1043,15 +1040,29 @@ def split_buckets(optimizer: Any) -> int:
     return count
 
 
+def per_tensor_group_sizes(optimizer: Any) -> list[int] | None:
+    """How many parameters each group of a bucketed optimizer (or of an accelerate wrapper's) holds with its
+    buckets split, as a checkpoint of per-tensor state has them; None when nothing is bucketed."""
+    inner = _unwrapped(optimizer)
+    if not getattr(inner, "_qlora_buckets", None):
+        return None
+    return [len(params) for params in inner._qlora_original]
+
+
 def bucket_states_fit(optimizer: Any) -> bool:
     """Whether every bucket's loaded state has the bucket's size (a checkpoint of another layout that happens to
     have as many parameters per group would not: bitsandbytes' kernels would read past it)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = _unwrapped(optimizer)
     for bucket in getattr(inner, "_qlora_buckets", []):
         state1 = inner.state.get(bucket.flat, {}).get("state1")
         if state1 is not None and state1.numel() != bucket.flat.numel():
             return False
     return True
+
+
+def _unwrapped(optimizer: Any) -> Any:
+    """The optimizer an accelerate `AcceleratedOptimizer` wraps (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _state_slice(key: str, value: Any, start: int, member: Any, total: int) -> Any:

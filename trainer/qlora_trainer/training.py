@@ -162,7 +162,7 @@ class QLoRATrainer(Trainer):
         """The Trainer's, after splitting the optimizer's buckets when the checkpoint's state is one tensor at a
         time (written before the trainer bucketed them): a run resumes across that upgrade. A state of another
         layout is refused rather than read past its end."""
-        unbucketed = _unbucketed_groups(self.optimizer) if checkpoint is not None else None
+        unbucketed = speed.per_tensor_group_sizes(self.optimizer) if checkpoint is not None else None
         if unbucketed is not None and _saved_optimizer_groups(checkpoint) == unbucketed:
             speed.split_buckets(self.optimizer)
             log.info("optimizer: %s holds one state per tensor; updating one tensor at a time", checkpoint)
@@ -259,14 +259,6 @@ def _saved_optimizer_groups(checkpoint) -> list[int] | None:
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return [len(g["params"]) for g in saved["param_groups"]]
-
-
-def _unbucketed_groups(optimizer) -> list[int] | None:
-    """How many parameters each group of a bucketed optimizer holds with its buckets split (None unbucketed)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if not getattr(inner, "_qlora_buckets", None):
-        return None
-    return [len(params) for params in inner._qlora_original]
 
 
 def _keep_mode(self, mode: bool = True):
