@@ -20,6 +20,7 @@ trainer as a GPU pod. What each choice buys was measured on an H100 and an H200 
 - `bucket_optimizer_parameters(optimizer)`  bitsandbytes' optimizers update small parameters a bucket at a time
   (training.QLoRATrainer calls it on the optimizer it creates)
 - `compile_layers`, `compile_pays`  torch.compile of the blocks, when the run is long enough to earn it back
+- `graphs.install(model, ...)`  else the blocks' forward and backward replayed from CUDA graphs (graphs.py)
 - `flops_per_token(...)`, `mfu(...)`  model FLOPs utilisation as the benchmark reports it
 """
 
@@ -1368,6 +1369,7 @@ class SpeedSetup:
     compiled_layers: int = 0
     lean_lora_layers: int = 0
     fused_groups: int = 0
+    graphs: Any = None  # graphs.StackGraphs, when the blocks train from CUDA graphs
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -1395,6 +1397,11 @@ class SpeedSetup:
             parts.append(f"q/k/v in one matmul in {self.fused_groups} blocks")
         if self.compiled_layers:
             parts.append(f"{self.compiled_layers} blocks compiled")
+        if self.graphs is not None:
+            parts.append(
+                f"the {len(self.graphs.layers)} blocks trained from CUDA graphs (micro-batches padded to multiples "
+                f"of {self.graphs.granularity} tokens)"
+            )
         return "; ".join(parts + self.notes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -1406,6 +1413,7 @@ class SpeedSetup:
             "compiledLayers": self.compiled_layers,
             "leanLoraLayers": self.lean_lora_layers,
             "fusedGroups": self.fused_groups,
+            "cudaGraphs": self.graphs is not None,
         }
 
 
@@ -1419,6 +1427,7 @@ def configure(
     gradient_checkpointing: bool,
     packing: bool,
     total_steps: int = 0,
+    cuda_graphs: bool = True,
 ) -> SpeedSetup:
     """Put a loaded peft model on the GPU fast path; a no-op on the CPU. Call after LoRA is added, before
     the Trainer is built.
@@ -1431,7 +1440,9 @@ def configure(
       as fit (none unless `gradient_checkpointing` allows it) and keeps a dequantized weight copy where
       room is left; without packing only `batchSize: auto` is planned (micro-batch and accumulation);
     - peft's LoRA layers with a leaner forward (`use_lean_lora`);
-    - torch.compile of the blocks when the run (`total_steps`) is long enough to pay it back.
+    - torch.compile of the blocks when the run (`total_steps`) is long enough to pay it back;
+    - else, packed with varlen attention and no checkpointing (and `cuda_graphs`), the blocks' forward and
+      backward replayed from CUDA graphs (`graphs.install`), one pair per padded micro-batch size.
     """
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -1480,6 +1491,10 @@ def configure(
     set_checkpointing(base, plan.checkpointed_layers)
     if will_compile:
         setup.compiled_layers = compile_layers(base)
+    elif cuda_graphs and packing and attention == VARLEN and not plan.checkpointed_layers:
+        from . import graphs
+
+        setup.graphs = graphs.install(base, max_length=max_length, limit=plan.token_budget)
     return setup
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from .config import TrainerConfig
 from .contract import Metric, Phase
 from .data import collator, prepare_data, split_packed
 from .errors import InvalidConfig
-from . import speed
+from . import graphs, speed
 from .metrics import MetricsCallback, TrainerMetrics
 from .model import load_model, supports_packing
 
@@ -37,6 +38,12 @@ CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 3
 DEFAULT_AUTO_BATCH_SIZE = 2  # `batchSize: auto` until the GPU work (issue 7) sizes it
 LOG_FRACTION = 0.01  # the Trainer reads a logging_steps below 1 as a fraction of the run's steps
+# QLORA_CUDA_GRAPHS=0 runs the decoder blocks eagerly (graphs.py): a way out, and a side-by-side for benchmarks.
+CUDA_GRAPHS_ENV = "QLORA_CUDA_GRAPHS"
+
+
+def cuda_graphs_wanted(env: dict[str, str]) -> bool:
+    return env.get(CUDA_GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def optimizer_names() -> list[str]:
@@ -186,6 +193,9 @@ class QLoRATrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             del model.zero_grad
+            stack = graphs.installed(model)
+            if stack is not None:
+                log.info("CUDA graphs: %s", stack.stats.describe())
 
     @contextlib.contextmanager
     def _train_mode_kept(self, model):
@@ -386,6 +396,7 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
         gradient_checkpointing=t.gradient_checkpointing,
         packing=packing,
         total_steps=t.max_steps or t.epochs * -(-len(data.train) // (micro_batch_size(cfg) * t.gradient_accumulation_steps)),
+        cuda_graphs=cuda_graphs_wanted(os.environ),
     )
     log.info("speed: %s", fast.describe())
     resume = last_valid_checkpoint(Path(cfg.output.dir) / CHECKPOINTS)
