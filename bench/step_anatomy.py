@@ -26,6 +26,8 @@ trainer's collator), forward, backward, gradient clipping, optimizer.
   eager-per-parameter-optimizer  the same with bitsandbytes' optimizer updating one tensor at a time (no
                  speed.bucket_optimizer_parameters)
   eager+adamw    the same with fused AdamW instead of paged AdamW 8-bit (what the optimizer costs)
+  eager-graphs   the same with the decoder blocks replayed from CUDA graphs (graphs.install, as speed.configure
+                 does; captured the first time each padded size comes, kept across rounds)
   trainer-asis   the product's QLoRATrainer as it was: the Trainer's per-step NaN filter (a host sync every
                  micro-batch), parameter count, clipping over every parameter and training-mode walk
   trainer-blocking  QLoRATrainer with batches copied to the GPU from pageable memory, waiting for each copy
@@ -35,6 +37,8 @@ trainer's collator), forward, backward, gradient clipping, optimizer.
   trainer        QLoRATrainer as training.py runs it, logging every step (as the product does in a run of up
                  to 100 steps; a longer one logs a hundred times)
   trainer-log10  the same, logging every 10th step
+  trainer-graphs QLoRATrainer with the decoder blocks from CUDA graphs (as the product runs it: the variants
+                 above run them eagerly)
 
 For each: ms per step (the eager loop with one synchronisation per step and without, so host and GPU overlap
 across steps; the eager variants run `--rounds` times in turn and report their best round (or with `--interleave`
@@ -47,6 +51,7 @@ under its operator and under its own name, so it is about twice the GPU's time);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -56,7 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from qlora_trainer import speed  # noqa: E402
+from qlora_trainer import graphs, speed  # noqa: E402
 from qlora_trainer.data import collator as data_collator  # noqa: E402
 from trainer_speed import (  # noqa: E402
     EXAONE_SHAPE,
@@ -71,7 +76,8 @@ from trainer_speed import (  # noqa: E402
 VARIANTS = (
     "eager,eager-unfused,eager-per-parameter-optimizer,eager-native-swiglu,eager-fused-mlp,eager-native-rope,"
     "eager-varlen-op,eager-bnb-sync,phases,cprofile,eager-peft,eager-liger-norm,eager+adamw,trainer-asis,"
-    "trainer-blocking,trainer-walk-zero-grad,trainer-per-parameter-optimizer,trainer,trainer-log10,eager-aot"
+    "trainer-blocking,trainer-walk-zero-grad,trainer-per-parameter-optimizer,trainer,trainer-log10,eager-aot,"
+    "eager-graphs,trainer-graphs"
 )
 
 
@@ -113,10 +119,13 @@ def main(argv=None) -> int:
     speed.prepare_for_kbit_training_lean(model, 0)
     model = get_peft_model(model, lora_config())
     model.train()  # as the Trainer leaves it (from_pretrained gives eval mode: no LoRA dropout at all)
+    model.config.use_cache = False  # as the Trainer runs it (a KV cache would be filled in every training forward)
     cuda = device.startswith("cuda")
     lean = speed.use_lean_lora(model) if cuda else 0
     fused = speed.fuse_projections(model) if cuda else 0  # as speed.configure does with the weight cache
     speed.drop_optimizer_syncs()
+    if cuda:  # as speed.configure does, off but in the graph variants (token budget: trainer_run's)
+        graphs.install(model, max_length=1024, limit=16384).enabled = False
     params = [p for p in model.parameters() if p.requires_grad]
     collate = data_collator(None, packing=True, boundaries=attention == speed.VARLEN)
     steps = []
@@ -276,11 +285,12 @@ def main(argv=None) -> int:
 
 TRAINER_VARIANTS = (
     "trainer-asis", "trainer-blocking", "trainer-walk-zero-grad", "trainer-per-parameter-optimizer", "trainer",
-    "trainer-log10",
+    "trainer-log10", "trainer-graphs",
 )
 EAGER_TOGGLES = (
     "eager", "eager-unfused", "eager-per-parameter-optimizer", "eager-native-swiglu", "eager-fused-mlp",
     "eager-native-rope", "eager-varlen-op", "eager-bnb-sync", "eager-peft", "eager-liger-norm", "eager+adamw",
+    "eager-graphs",
 )
 
 
@@ -419,7 +429,21 @@ def eager_toggle(label, model, native_rope):
         "eager-bnb-sync": bnb_sync,
         "eager-peft": peft_forward,
         "eager-liger-norm": liger_norm,
+        "eager-graphs": lambda: graphs_on(model),
     }.get(label, lambda: contextlib.nullcontext({}))()
+
+
+@contextlib.contextmanager
+def graphs_on(model):
+    """The decoder blocks from CUDA graphs (captures kept across rounds); yields notes that end with the stats."""
+    stack = graphs.installed(model)
+    stack.enabled = True
+    notes: dict = {}
+    try:
+        yield notes
+    finally:
+        stack.enabled = False
+        notes["graphs"] = stack.stats.describe()
 
 
 def phases(model, opt, steps, loss_kwargs, device, sync, torch) -> dict:
@@ -623,6 +647,9 @@ def trainer_run(label, model, train, collate, args, torch, fpt: float, profile_p
         return trainer
 
     row = {"variant": label}
+    stack = graphs.installed(model)
+    if stack is not None:
+        stack.enabled = label == "trainer-graphs"
     try:
         warm = 3
         if profile_python:
@@ -642,11 +669,16 @@ def trainer_run(label, model, train, collate, args, torch, fpt: float, profile_p
         row["tok_s"] = tokens / per_step
         row["mfu"] = speed.mfu(row["tok_s"], fpt)
         row["peak_gib"] = torch.cuda.max_memory_allocated() / speed.GIB if torch.cuda.is_available() else 0.0
+        if stack is not None and stack.enabled:
+            row["graphs"] = stack.stats.describe()
     except Exception as exc:  # noqa: BLE001
         import traceback
 
         traceback.print_exc()
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        if stack is not None:
+            stack.enabled = False
     return row
 
 

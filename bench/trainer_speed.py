@@ -20,6 +20,7 @@ global kernel patches of one cannot leak into the next):
              trainer's QLoRATrainer cuts each step's packed row under the plan's token budget.
   defaults24 the same, with the process capped at 24 GiB (a 3090/4090-class card).
   lowmem     the same, capped at 5 GiB: the planner then checkpoints (nearly) every block.
+  defaults-eager (optional) defaults with the decoder blocks run eagerly (no CUDA graphs).
   compiled   (optional) defaults plus torch.compile of the decoder blocks (Liger's fused loss only).
   defaults-nocache (optional) defaults without the dequantized weight cache.
   explicit2  (optional) packed micro-batches of 2 x 1024 tokens with checkpointing on every block (the trainer's
@@ -224,6 +225,8 @@ def lora_config():
 
 def run_setting(name: str, args) -> dict[str, Any]:
     import torch
+
+    from qlora_trainer import graphs
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -299,6 +302,9 @@ def run_setting(name: str, args) -> dict[str, Any]:
         if plan.dense_weights:
             result["fused_groups"] = speed.fuse_projections(model)
         result["optimizer_syncs_dropped"] = speed.drop_optimizer_syncs()
+        if not name.startswith("compiled") and name != "defaults-eager" and attention == speed.VARLEN:
+            if not plan.checkpointed_layers:
+                result["cuda_graphs"] = graphs.install(model, max_length=args.max_length, limit=plan.token_budget) is not None
     if name.startswith("compiled"):
         result["compiled_layers"] = speed.compile_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -372,6 +378,9 @@ def run_setting(name: str, args) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     steps_run = out.global_step
     result.update(steps_run=steps_run, steps_epoch=steps_epoch, train_wall_s=wall, train_loss=out.training_loss)
+    stack = graphs.installed(model)
+    if stack is not None:
+        result["graphs"] = stack.stats.describe()
     if cuda:
         result["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / speed.GIB
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / speed.GIB
@@ -611,7 +620,7 @@ def cli_check(args) -> list[dict[str, Any]]:
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "qlora_trainer", "--config", str(path)], env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t
-        tail = [line for line in (proc.stdout + proc.stderr).splitlines() if "speed:" in line or "rror" in line][-6:]
+        tail = [line for line in (proc.stdout + proc.stderr).splitlines() if "speed:" in line or "CUDA graphs" in line or "rror" in line][-6:]
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
         termination = (work / "termination.log").read_text()[:600] if (work / "termination.log").exists() else ""
         row = {"package": package, "rc": proc.returncode, "process_s": wall, "log": tail, "summary": summary}
@@ -643,7 +652,8 @@ def table(results: list[dict[str, Any]]) -> str:
         peak = f"{r.get('peak_alloc_gib', float('nan')):.1f} / {r.get('peak_reserved_gib', float('nan')):.1f}"
         lines.append(
             f"| {r['setting']} | {r['tokens_per_s']:,.0f} | {ratio} | {wall_s} | {peak} | {r['mfu'] * 100:.1f}% "
-            f"| {r['eval_loss']:.4f} ({r['eval_loss_after']}) | {loss_vs} | {r['plan_text']} |"
+            f"| {r['eval_loss']:.4f} ({r['eval_loss_after']}) | {loss_vs} | {r['plan_text']}"
+            f"{'; CUDA graphs: ' + r['graphs'] if r.get('graphs') else ''} |"
         )
     return "\n".join(lines)
 
