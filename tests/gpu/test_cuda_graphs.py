@@ -45,7 +45,18 @@ def fast_model(model_dir, tmp_path, dropout=0.0):
     )
     assert setup.attention == speed.VARLEN and setup.graphs is not None, setup.describe()
     model.train()
+    with torch.no_grad():  # LoRA's B starts at zero, which would leave its A gradients and its forward term zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
     return model, setup.graphs
+
+
+def nudge(params):
+    """An optimizer step's worth of change, in place (the graphs read the weights where they are)."""
+    with torch.no_grad():
+        for param in params:
+            param.add_(torch.randn_like(param), alpha=1e-2)
 
 
 def packed(lengths, vocab, seed):
@@ -105,6 +116,7 @@ def test_graphed_blocks_give_the_eager_loss_and_gradients_at_every_size(model_di
     rows = [[300, 200, 180], [500, 400, 90, 300], [250, 260, 170], [60] * 20, [512]]
     for seed, lengths in enumerate(rows):
         assert_same(*both_ways(model, stack, params, packed(lengths, vocab, seed)))
+        nudge(params)
     # 680, 1290, 680 (other data, the first capture again), 1200 tokens in 20 sequences (more boundary slots), 512.
     assert stack.stats.replayed == len(rows)
     assert stack.stats.captured == 4
@@ -116,12 +128,39 @@ def test_graphed_backward_adds_to_gradients_already_there(model_dir, tmp_path):
     model, stack = fast_model(model_dir, tmp_path)
     params = trainable(model)
     first, second = packed([300, 220], model.config.vocab_size, 1), packed([400, 100, 90], model.config.vocab_size, 2)
+    stack.enabled = False
     expected = [a + b for a, b in zip(loss_and_grads(model, params, first)[1], loss_and_grads(model, params, second)[1])]
+    stack.enabled = True
     for batch in (first, second):  # two micro-batches of one optimizer step, no zero_grad between
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(**batch, skip_logits=True, use_cache=False).loss.backward()
     assert relative_error(flat([p.grad for p in params]), flat(expected)) < 2e-2
-    assert stack.stats.replayed == 4
+    assert stack.stats.replayed == 2
+    # An eager micro-batch's gradient first, then a graphed one: the graph adds to it.
+    for p in params:
+        p.grad = None
+    stack.enabled = False
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**first, skip_logits=True, use_cache=False).loss.backward()
+    stack.enabled = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**second, skip_logits=True, use_cache=False).loss.backward()
+    assert relative_error(flat([p.grad for p in params]), flat(expected)) < 2e-2
+
+
+def test_a_second_forward_before_the_backward_runs_eagerly_and_both_backwards_are_right(model_dir, tmp_path):
+    model, stack = fast_model(model_dir, tmp_path)
+    params = trainable(model)
+    first, second = packed([300, 220], model.config.vocab_size, 6), packed([260, 250], model.config.vocab_size, 7)
+    stack.enabled = False
+    expected = [a + b for a, b in zip(loss_and_grads(model, params, first)[1], loss_and_grads(model, params, second)[1])]
+    stack.enabled = True
+    loss_and_grads(model, params, first)  # the padded size captured
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        both = model(**first, skip_logits=True, use_cache=False).loss + model(**second, skip_logits=True, use_cache=False).loss
+    both.backward()
+    assert relative_error(flat([p.grad for p in params]), flat(expected)) < 2e-2
+    assert stack.stats.refusals == {"a second forward before the first one's backward": 1}
 
 
 def test_each_replay_draws_its_own_dropout(model_dir, tmp_path):
@@ -167,5 +206,6 @@ def test_a_training_run_learns_with_the_graphs(model_dir, tmp_path, caplog):
     assert any("trained from CUDA graphs" in m for m in messages), messages
     stats = [m for m in messages if m.startswith("CUDA graphs: ") and "replayed" in m]
     assert stats and not stats[-1].startswith("CUDA graphs: 0 micro-batches"), stats
+    assert "0 training calls eager" in stats[-1], stats
     assert summary["status"] == "Succeeded"
     assert summary["evalLoss"] < 0.8 * summary["initialEvalLoss"], summary

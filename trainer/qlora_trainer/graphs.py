@@ -14,20 +14,24 @@ A graph has fixed shapes and addresses, so a micro-batch is padded before its bl
 - its sequence boundaries to a fixed count with empty sequences, and the longest-sequence bound to `max_length`.
 
 One forward and one backward graph are captured for each padded size the first time it comes (a run of the
-bench's data meets about a dozen), all in one memory pool: one micro-batch's activations live at a time, as
+bench's data meets about ten), all in one memory pool: one micro-batch's activations live at a time, as
 in eager mode. The backward graph adds the blocks' LoRA gradients into `.grad` buffers of its own, which it
 attaches to the parameters (zeroed where the Trainer had set the gradient to None), as autograd would.
 
 Whatever the graphs do not cover runs the blocks eagerly, as before, and the first time says why: evaluation
 (no gradients), a padding mask, a tensor of the row's length that the graphs do not know, checkpointing,
 hooks on the blocks, several processes (DDP reduces gradients from autograd's accumulation, which the graphs
-bypass). A trainable parameter that moved (the optimizer's buckets split) drops the captured graphs.
+bypass), a second forward before the first one's backward (it would overwrite what that backward reads). A
+tensor of the blocks that moved (the optimizer's bucket makes the LoRA weights views into it) drops the captured
+graphs; a capture that fails, or more than `MAX_CAPTURES` sizes, stops them for the run and frees their memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,6 +46,8 @@ SEQUENCE_SLOTS = 8
 BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
 LENGTH_KEYS = ("max_length_q", "max_length_k")
 CONSTANTS = (type(None), bool, int, float, str)
+# More padded sizes than this means something in the key changes call by call: the graphs stop, memory is freed.
+MAX_CAPTURES = 64
 
 
 def padded_tokens(tokens: int, granularity: int, limit: int) -> int:
@@ -140,7 +146,7 @@ class GraphStats:
         if self.refusals:
             text += " (" + "; ".join(f"{reason}: {n}" for reason, n in self.refusals.items()) + ")"
         if self.dropped:
-            text += f"; graphs dropped {self.dropped} times (parameters moved)"
+            text += f"; graphs dropped {self.dropped} times (tensors of the blocks moved)"
         return text
 
 
@@ -148,7 +154,7 @@ class GraphStats:
 class _Capture:
     """One padded size: its two graphs and the static tensors they read and write."""
 
-    tokens: int
+    padded: int
     forward: Any
     backward: Any
     hidden: Any
@@ -167,7 +173,8 @@ class StackGraphs:
 
     def __init__(self, layers: list, *, max_length: int, limit: int, granularity: int = GRANULARITY) -> None:
         self.layers = list(layers)
-        self.params = [p for layer in self.layers for p in layer.parameters() if p.requires_grad]
+        self._modules = [m for layer in self.layers for m in layer.modules()]
+        self.params = self._trainable()
         self.max_length, self.limit, self.granularity = max_length, limit, granularity
         self.stats = GraphStats()
         self.captures: dict[tuple, _Capture] = {}
@@ -175,7 +182,8 @@ class StackGraphs:
         self.disabled: str | None = None  # why the graphs stopped for this run (a capture failed)
         self._pointers: tuple[int, ...] | None = None
         self._pool = self._stream = None
-        self._grads: list | None = None
+        self._grads: list | None = None  # one buffer per parameter, None for those that get no gradient
+        self._pending: Any = None  # a weak reference to the output of a replayed forward awaiting its backward
         self._shared: dict[tuple, Any] = {}
         self._warm = False
 
@@ -189,20 +197,26 @@ class StackGraphs:
         if plan is None:
             return self._eager(hidden, kwargs, None)
         arguments, tokens, padded, slots, longest = plan
+        self._follow_tensors()
         key = self._key(hidden, arguments, padded, slots, longest)
         capture = self.captures.get(key)
         if capture is None:
-            try:
-                capture = self._capture(key, hidden, kwargs, arguments, padded, slots, longest)
-            except Exception as error:  # noqa: BLE001 - a capture that fails leaves the eager blocks, said once
-                self.disabled = f"capture failed: {type(error).__name__}: {error}"
-                log.warning("CUDA graphs off for this run, the blocks run eagerly: %s", self.disabled)
+            if len(self.captures) >= MAX_CAPTURES:
+                self._stop(f"more than {MAX_CAPTURES} padded sizes (a key that changes call by call?)")
                 return self._eager(hidden, kwargs, None)
-        self._fill(capture, hidden, kwargs, tokens)
+            try:
+                capture = self._capture(hidden, kwargs, arguments, padded, slots, longest)
+            except Exception as error:  # noqa: BLE001 - a capture that fails leaves the eager blocks, said once
+                self._stop(f"capture failed: {type(error).__name__}: {error}")
+                return self._eager(hidden, kwargs, None)
+            self.captures[key] = capture
+        else:
+            self._fill(capture, hidden, kwargs, tokens)
         self.stats.replayed += 1
         self.stats.tokens += tokens
         self.stats.padded_tokens += padded
         out = _Replay.apply(self, capture, hidden, *self.params)
+        self._pending = weakref.ref(out)
         return out[:, :tokens]
 
     def _plan(self, hidden: Any, kwargs: dict) -> tuple | None:
@@ -221,19 +235,41 @@ class StackGraphs:
             raise Refused("hooks on the blocks")
         if kwargs.get("use_cache") or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             raise Refused("a KV cache")
+        pending = self._pending() if self._pending is not None else None
+        if pending is not None:
+            # Its backward would read inputs and activations that this call's replay overwrites.
+            raise Refused("a second forward before the first one's backward")
         tokens = hidden.shape[1]
         arguments = Arguments.of(kwargs, tokens)
+        if any(_tensors_off(value, hidden.device) for value in kwargs.values()):
+            raise Refused("a tensor argument on another device (a graph sees only device memory)")
         sequences = kwargs["cu_seq_lens_q"].numel() - 1
         padded = padded_tokens(tokens, self.granularity, self.limit)
         given = max((kwargs[name] for name in arguments.lengths), default=self.max_length)
         return arguments, tokens, padded, boundary_slots(sequences), max(self.max_length, given, padded - tokens)
 
-    def _key(self, hidden: Any, arguments: Arguments, padded: int, slots: int, longest: int) -> tuple:
-        pointers = tuple(p.data_ptr() for p in self.params)
+    def _follow_tensors(self) -> None:
+        """Drop the captures when a tensor of the blocks moved or was replaced (the optimizer's bucket makes
+        the LoRA weights views into it; `module.to`, a weight cache dropped): a graph reads fixed addresses."""
+        pointers = tuple(
+            (id(t), t.data_ptr())
+            for m in self._modules
+            for t in itertools.chain(m._parameters.values(), m._buffers.values())
+            if t is not None
+        )
         if pointers != self._pointers:
             if self.captures:
                 self._drop()
+                self.stats.dropped += 1
+                log.info("CUDA graphs: tensors of the blocks moved; captured graphs dropped")
+            self.params = self._trainable()
+            self._grads = None
             self._pointers = pointers
+
+    def _trainable(self) -> list:
+        return [p for layer in self.layers for p in layer.parameters() if p.requires_grad]
+
+    def _key(self, hidden: Any, arguments: Arguments, padded: int, slots: int, longest: int) -> tuple:
         autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
         return (padded, slots, longest, hidden.dtype, hidden.shape[2], hidden.requires_grad, autocast,
                 arguments.constants, arguments.layout)
@@ -253,17 +289,26 @@ class StackGraphs:
         return hidden
 
     def _drop(self) -> None:
-        """Forget every capture (a parameter moved): the next calls capture again, in a fresh pool."""
+        """Forget every capture: the next calls capture again, in a fresh pool."""
         self.captures.clear()
         self._pool = None
-        self.stats.dropped += 1
-        log.info("CUDA graphs: trainable parameters moved; captured graphs dropped")
+        self._pending = None
+
+    def _stop(self, reason: str) -> None:
+        """No more graphs this run; their memory goes back to the eager blocks (a capture may have failed for
+        want of it)."""
+        self.disabled = reason
+        log.warning("CUDA graphs off for this run, the blocks run eagerly: %s", reason)
+        self._drop()
+        self._shared.clear()
+        torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- static inputs
 
     def _fill(self, capture: _Capture, hidden: Any, kwargs: dict, tokens: int) -> None:
         """Copy this call's inputs into the capture's static tensors; the padding's hidden states are zeroed
-        (the rest of its inputs keep whatever an earlier call left: finite, and read by the padding alone)."""
+        (the rest of its inputs keep whatever an earlier call left: finite, and read by the padding alone). The
+        blocks get q's boundaries for k too: packed self-attention, and varlen_attention_forward reads q's."""
         with torch.no_grad():
             capture.hidden[:, :tokens].copy_(hidden)
             capture.hidden[:, tokens:].zero_()
@@ -274,7 +319,7 @@ class StackGraphs:
                 static.copy_(kwargs[name])
             cu = kwargs["cu_seq_lens_q"]
             capture.boundaries[: cu.numel()].copy_(cu)
-            capture.boundaries[cu.numel() :].fill_(capture.tokens)
+            capture.boundaries[cu.numel() :].fill_(capture.padded)
 
     def _static_kwargs(self, capture: _Capture, kwargs: dict, arguments: Arguments, longest: int) -> dict:
         """The keyword arguments the captured blocks are called with: this capture's static tensors."""
@@ -301,16 +346,16 @@ class StackGraphs:
 
     # ---------------------------------------------------------------- capture
 
-    def _capture(self, key: tuple, hidden: Any, kwargs: dict, arguments: Arguments, padded: int, slots: int,
+    def _capture(self, hidden: Any, kwargs: dict, arguments: Arguments, padded: int, slots: int,
                  longest: int) -> _Capture:
         device = hidden.device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(device)
-        if self._grads is None:
+        if self._grads is None:  # allocated outside the capture, which adds into them
             self._grads = [torch.zeros_like(p) for p in self.params]
         capture = _Capture(
-            tokens=padded, forward=torch.cuda.CUDAGraph(), backward=torch.cuda.CUDAGraph(),
+            padded=padded, forward=torch.cuda.CUDAGraph(), backward=torch.cuda.CUDAGraph(),
             # A leaf of its own (a view of a shared buffer would not be one) when the blocks' input needs a gradient.
             hidden=(hidden.new_zeros((1, padded, hidden.shape[2])).requires_grad_() if hidden.requires_grad
                     else self._shared_buffer("hidden", hidden, padded)),
@@ -340,11 +385,13 @@ class StackGraphs:
                 torch.cuda.empty_cache()  # the warm-up's cached activations, which the graphs' pool cannot reuse
                 self._warm = True
             out = _captured(capture.forward, self._pool, lambda: self._forward_into(capture, static_kwargs))
-            grad_hidden = _captured(capture.backward, self._pool, lambda: self._backward_into(capture, out, wrt))
+            backward = lambda: self._backward_into(capture, out, wrt)  # noqa: E731
+            grad_hidden, graded = _captured(capture.backward, self._pool, backward)
             capture.grad_hidden = grad_hidden
             del out
+        if not self.captures:  # a parameter the blocks leave without a gradient keeps none, as eagerly
+            self._grads = [b if g else None for b, g in zip(self._grads, graded)]
         torch.cuda.current_stream(device).wait_stream(stream)
-        self.captures[key] = capture
         self.stats.captured += 1
         return capture
 
@@ -362,18 +409,21 @@ class StackGraphs:
         grad_hidden = None
         if capture.hidden.requires_grad:
             grad_hidden, grads = grads[0], grads[1:]
+        if any(b is None and g is not None for b, g in zip(self._grads, grads)):
+            raise RuntimeError("this size's blocks give gradients to parameters the first capture's did not")
         pairs = [(buffer, g) for buffer, g in zip(self._grads, grads) if g is not None]
         with torch.no_grad():
             torch._foreach_add_([b for b, _ in pairs], [g for _, g in pairs])
-        return grad_hidden
+        return grad_hidden, [g is not None for g in grads]
 
     def attach_grads(self) -> None:
         """Make the graphs' gradient buffers the parameters' `.grad` before a backward replay adds into them: a
         gradient set to None starts from zero, one autograd made elsewhere is carried over."""
+        self._pending = None
         zero = []
         for param, buffer in zip(self.params, self._grads):
             grad = param.grad
-            if grad is buffer:
+            if grad is buffer or buffer is None:
                 continue
             if grad is None:
                 zero.append(buffer)
@@ -382,6 +432,12 @@ class StackGraphs:
             param.grad = buffer
         if zero:
             torch._foreach_zero_(zero)
+
+
+def _tensors_off(value: Any, device: Any) -> bool:
+    """Whether `value` is, or is a tuple holding, a tensor off `device`."""
+    values = value if isinstance(value, tuple) else (value,)
+    return any(isinstance(v, torch.Tensor) and v.device != device for v in values)
 
 
 def _uncached_autocast() -> Any:
@@ -414,7 +470,7 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphs: StackGraphs, capture: _Capture, hidden: Any, *params: Any) -> Any:
         capture.forward.replay()
-        ctx.graphs, ctx.capture, ctx.tokens, ctx.params = graphs, capture, hidden.shape[1], len(params)
+        ctx.graphs, ctx.capture, ctx.tokens, ctx.param_count = graphs, capture, hidden.shape[1], len(params)
         return capture.output.detach()
 
     @staticmethod
@@ -424,7 +480,7 @@ class _Replay(torch.autograd.Function):
         capture.grad_output.copy_(grad_output)
         capture.backward.replay()
         grad_hidden = None if capture.grad_hidden is None else capture.grad_hidden[:, : ctx.tokens].clone()
-        return (None, None, grad_hidden) + (None,) * ctx.params
+        return (None, None, grad_hidden) + (None,) * ctx.param_count
 
 
 class _GraphedLayers:

@@ -161,3 +161,22 @@ def test_the_environment_can_turn_the_graphs_off(env, wanted):
     from qlora_trainer.training import cuda_graphs_wanted
 
     assert cuda_graphs_wanted(env) is wanted
+
+
+def test_graphs_fit_plans_without_recomputation_that_leave_room_for_them():
+    from qlora_trainer import speed
+
+    shape = speed.ModelShape(hidden_size=2560, num_layers=30, num_heads=32, num_kv_heads=8, head_dim=80,
+                             intermediate_size=7168, vocab_size=102400)
+    gib = speed.GIB
+
+    def plan(peak, budget, checkpointed=0):
+        return speed.BatchPlan(
+            micro_batch=16, accumulation_steps=1, token_budget=16384, packed=True, checkpointed_layers=checkpointed,
+            num_layers=30, worst_case_tokens=16384, dense_weights=True, estimated_peak_bytes=int(peak * gib),
+            budget_bytes=int(budget * gib), reason="test",
+        )
+
+    assert speed.cuda_graphs_fit(plan(45.0, 133.5), shape)  # the defaults on an H200
+    assert not speed.cuda_graphs_fit(plan(21.7, 23.9), shape)  # a plan that just fits 24 GiB
+    assert not speed.cuda_graphs_fit(plan(10.0, 133.5, checkpointed=4), shape)  # recomputed blocks
