@@ -73,6 +73,8 @@ from trainer_speed import (  # noqa: E402
     make_dataset,
 )
 
+MAX_LENGTH = 1024
+TOKEN_BUDGET = 16384  # the defaults' plan on an H100/H200: 16 examples of up to 1024 tokens in one micro-batch
 VARIANTS = (
     "eager,eager-unfused,eager-per-parameter-optimizer,eager-native-swiglu,eager-fused-mlp,eager-native-rope,"
     "eager-varlen-op,eager-bnb-sync,phases,cprofile,eager-peft,eager-liger-norm,eager+adamw,trainer-asis,"
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
         args.model_dir = args.out / "model-tiny"
     build_model_dir(args.model_dir, model_shape, device)
     shape = speed.ModelShape.from_config(argparse.Namespace(**model_shape))
-    train, _ = make_dataset(2000, 128 if args.tiny else 1024, shape.vocab_size)
+    train, _ = make_dataset(2000, 128 if args.tiny else MAX_LENGTH, shape.vocab_size)
     attention = speed.choose_attention(device)
     model = load_4bit(args.model_dir, attention, device)
     from transformers.models.llama import modeling_llama
@@ -124,8 +126,11 @@ def main(argv=None) -> int:
     lean = speed.use_lean_lora(model) if cuda else 0
     fused = speed.fuse_projections(model) if cuda else 0  # as speed.configure does with the weight cache
     speed.drop_optimizer_syncs()
-    if cuda:  # as speed.configure does, off but in the graph variants (token budget: trainer_run's)
-        graphs.install(model, max_length=1024, limit=16384).enabled = False
+    if cuda:  # as speed.configure does, off but in the graph variants
+        stack = graphs.install(model, max_length=MAX_LENGTH, limit=TOKEN_BUDGET)
+        if stack is None:
+            raise SystemExit("no decoder stack for CUDA graphs in this model")
+        stack.enabled = False
     params = [p for p in model.parameters() if p.requires_grad]
     collate = data_collator(None, packing=True, boundaries=attention == speed.VARLEN)
     steps = []
@@ -438,6 +443,7 @@ def graphs_on(model):
     """The decoder blocks from CUDA graphs (captures kept across rounds); yields notes that end with the stats."""
     stack = graphs.installed(model)
     stack.enabled = True
+    stack.stats = graphs.GraphStats()  # this variant's own (the stack is shared, the captures kept)
     notes: dict = {}
     try:
         yield notes
@@ -633,7 +639,7 @@ def trainer_run(label, model, train, collate, args, torch, fpt: float, profile_p
         )
         trainer = QLoRATrainer(
             model=model, args=targs, train_dataset=ListDataset(train), data_collator=collate, callbacks=[Clock()],
-            token_budget=16384,
+            token_budget=TOKEN_BUDGET,
         )
         trainer.remove_callback(PrinterCallback)  # as the product's trainer does
         if label == "trainer-asis":  # the Trainer's own per-step walks over the model, as before
@@ -650,6 +656,7 @@ def trainer_run(label, model, train, collate, args, torch, fpt: float, profile_p
     stack = graphs.installed(model)
     if stack is not None:
         stack.enabled = label == "trainer-graphs"
+        stack.stats = graphs.GraphStats()  # this variant's own
     try:
         warm = 3
         if profile_python:

@@ -302,9 +302,10 @@ def run_setting(name: str, args) -> dict[str, Any]:
         if plan.dense_weights:
             result["fused_groups"] = speed.fuse_projections(model)
         result["optimizer_syncs_dropped"] = speed.drop_optimizer_syncs()
-        if not name.startswith("compiled") and name != "defaults-eager" and attention == speed.VARLEN:
-            if not plan.checkpointed_layers:
-                result["cuda_graphs"] = graphs.install(model, max_length=args.max_length, limit=plan.token_budget) is not None
+        graphed = not name.startswith("compiled") and name != "defaults-eager" and attention == speed.VARLEN
+        if graphed and speed.cuda_graphs_fit(plan, shape):  # as speed.configure does
+            stack = graphs.install(model, max_length=args.max_length, limit=plan.token_budget)
+            result["cuda_graphs"] = stack is not None
     if name.startswith("compiled"):
         result["compiled_layers"] = speed.compile_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
