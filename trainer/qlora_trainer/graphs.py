@@ -33,7 +33,7 @@ import itertools
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -501,35 +501,40 @@ class _GraphedLayers:
         return super().__getitem__(index)
 
 
-def install(model: Any, *, max_length: int, limit: int, granularity: int = GRANULARITY) -> StackGraphs | None:
-    """Run `model`'s decoder blocks through `StackGraphs` while it trains; None where the model has no stack
-    of blocks in an `nn.ModuleList` or they train nothing. A no-op off CUDA (every call runs eagerly)."""
+def _block_stacks(model: Any) -> Iterator[Any]:
+    """Each `nn.ModuleList` of `model` named `layers` that holds its decoder blocks (transformers'
+    `GradientCheckpointingLayer`s), in module order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     for module in model.modules():
         layers = getattr(module, "layers", None)
-        if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-            continue
-        if not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
-            continue
-        if "_qlora_graphs" in layers.__dict__:
-            return layers.__dict__["_qlora_graphs"]
-        graphs = StackGraphs(list(layers), max_length=max_length, limit=limit, granularity=granularity)
-        if not graphs.params:
-            return None
-        layers.__dict__["_qlora_graphs"] = graphs
-        layers.__dict__["_qlora_class"] = type(layers)
-        layers.__class__ = type("GraphedModuleList", (_GraphedLayers, type(layers)), {})
-        return graphs
-    return None
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            if all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
+                yield layers
+
+
+def install(model: Any, *, max_length: int, limit: int, granularity: int = GRANULARITY) -> StackGraphs | None:
+    """Run `model`'s decoder blocks through `StackGraphs` while it trains; None where the model has no stack
+    of blocks in an `nn.ModuleList` or they train nothing. A no-op off CUDA (every call runs eagerly)."""
+    layers = next(_block_stacks(model), None)
+    if layers is None:
+        return None
+    if "_qlora_graphs" in layers.__dict__:
+        return layers.__dict__["_qlora_graphs"]
+    graphs = StackGraphs(list(layers), max_length=max_length, limit=limit, granularity=granularity)
+    if not graphs.params:
+        return None
+    layers.__dict__["_qlora_graphs"] = graphs
+    layers.__dict__["_qlora_class"] = type(layers)
+    layers.__class__ = type("GraphedModuleList", (_GraphedLayers, type(layers)), {})
+    return graphs
 
 
 def uninstall(model: Any) -> int:
     """Undo `install`: the blocks run in the stack's own loop again; returns the stacks restored."""
     restored = 0
-    for module in model.modules():
-        layers = getattr(module, "layers", None)
-        if layers is not None and layers.__dict__.pop("_qlora_graphs", None) is not None:
+    for layers in _block_stacks(model):
+        if layers.__dict__.pop("_qlora_graphs", None) is not None:
             layers.__class__ = layers.__dict__.pop("_qlora_class")
             restored += 1
     return restored
@@ -537,9 +542,4 @@ def uninstall(model: Any) -> int:
 
 def installed(model: Any) -> StackGraphs | None:
     """The `StackGraphs` that `install` put on the model, if any."""
-    for module in model.modules():
-        layers = getattr(module, "layers", None)
-        graphs = getattr(layers, "__dict__", {}).get("_qlora_graphs") if layers is not None else None
-        if graphs is not None:
-            return graphs
-    return None
+    return next((s.__dict__["_qlora_graphs"] for s in _block_stacks(model) if "_qlora_graphs" in s.__dict__), None)
