@@ -26,6 +26,7 @@ from qlora_operator.reporter import Key, Reporter, output_uri
 from qlora_operator.settings import Settings
 from qlora_operator.trainer_metrics import (
     METRIC_FIELDS,
+    attempt_note,
     MetricsReader,
     MetricsTrack,
     MetricsUnreadable,
@@ -90,12 +91,15 @@ def metric_fields(status: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def merge_metrics(desired: dict[str, Any], previous: Mapping[str, Any], track: MetricsTrack | None,
                   summary: Mapping[str, Any] | None, output: str | None, now: datetime,
-                  last_patch: datetime | None, min_interval: float) -> tuple[dict[str, Any], bool]:
+                  last_patch: datetime | None, min_interval: float,
+                  shown_pod: str | None = None) -> tuple[dict[str, Any], bool]:
     """`desired` (status_from's status) with the metric fields, reason and note added; and whether the
-    metric fields changed (the caller records the time, for the rate limit).
+    metric fields changed (the caller records the time and `track.values_pod`, for the rate limit).
 
     Values: the previous status's, then the last good reading over them, then the termination summary's
-    final values over those; no ETA unless running. Only a running trainer's readings are rate limited.
+    final values over those; no ETA unless running. Only a running trainer's readings are rate limited, and
+    only while they come from the pod whose values status shows (`shown_pod`): a retry's first values are
+    written at once, so that status never shows one attempt's step beside the note of another.
     """
     old = metric_fields(previous)
     new = dict(old)
@@ -104,12 +108,14 @@ def merge_metrics(desired: dict[str, Any], previous: Mapping[str, Any], track: M
     if summary is not None:
         new.update(final_fields(summary, output))
     running = desired.get("phase") == Phase.RUNNING.value
-    if not running:
-        # Nothing is training (suspended, between attempts, ended): there is no time left to estimate.
+    if not running or (track is not None and track.retry_pending):
+        # Nothing is training (suspended, between attempts, ended), or a retry has not said where it goes on
+        # from: the time left is not known.
         new.update(eta=None, estimatedCompletionTime=None)
     new = {k: v for k, v in new.items() if v is not None}
+    same_attempt = track is None or (track.values_pod == shown_pod and not track.retry_pending)
     # Only the stream of readings of a running trainer is rate limited; the rest are rare transitions.
-    if new != old and running and not should_patch(old, new, last_patch, now, min_interval):
+    if new != old and running and same_attempt and not should_patch(old, new, last_patch, now, min_interval):
         new = old
     out = {**desired, **new}
 
@@ -122,10 +128,7 @@ def merge_metrics(desired: dict[str, Any], previous: Mapping[str, Any], track: M
                 and c.get("reason") == "Running" else c
                 for c in desired.get("conditions") or ()
             ]
-        note = stale_note(track)
-        if track.resumed_from and not note:
-            note = f"resumed from the checkpoint of step {track.resumed_from}"
-        out["message"] = with_note(desired.get("message"), note)
+        out["message"] = with_note(desired.get("message"), stale_note(track) or attempt_note(track))
     return out, new != old
 
 
@@ -141,6 +144,8 @@ class MetricsFeed:
         self.reporter: Reporter | None = None
         self.tracks: dict[Key, MetricsTrack] = {}
         self.last_patch: dict[Key, datetime] = {}
+        # The pod whose readings status shows: a reading from another (a retry) is not rate limited.
+        self.shown_pod: dict[Key, str] = {}
         self._task: asyncio.Task | None = None
 
     def attach(self, reporter: Reporter) -> None:
@@ -174,8 +179,8 @@ class MetricsFeed:
         """Read every running trainer once; poke the resources whose status would change."""
         reporter = self.reporter
         for gone in set(self.tracks) - set(reporter.finetunes):
-            self.tracks.pop(gone, None)
-            self.last_patch.pop(gone, None)
+            for memory in (self.tracks, self.last_patch, self.shown_pod):
+                memory.pop(gone, None)
         reads = []
         for key in list(reporter.finetunes):
             pod = trainer_pod(list((reporter.pods.get(key) or {}).values()))
@@ -203,7 +208,7 @@ class MetricsFeed:
         shown = metric_fields(self._previous(key))
         values = changed(shown, {**shown, **metrics_status(track, now, _checkpoint_base(body.get("spec")))})
         noted = (before.stale_since is None) != (track.stale_since is None) or \
-            before.resumed_from != track.resumed_from or \
+            attempt_note(before) != attempt_note(track) or before.retry_pending != track.retry_pending or \
             running_reason(before.last_good) != running_reason(track.last_good)
         return key if values or noted else None
 
@@ -218,9 +223,13 @@ class MetricsFeed:
         meta = body.get("metadata") or {}
         key = (meta.get("namespace"), meta.get("name"))
         pods = list((self.reporter.pods.get(key) or {}).values())
+        track = self.tracks.get(key)
         out, moved = merge_metrics(
-            desired, self._previous(key), self.tracks.get(key), ended_summary(pods),
-            _checkpoint_base(body.get("spec")), now, self.last_patch.get(key), self.settings.status_min_interval)
+            desired, self._previous(key), track, ended_summary(pods),
+            _checkpoint_base(body.get("spec")), now, self.last_patch.get(key), self.settings.status_min_interval,
+            shown_pod=self.shown_pod.get(key))
         if moved:
             self.last_patch[key] = now
+            if track is not None and track.values_pod:
+                self.shown_pod[key] = track.values_pod
         return out

@@ -319,17 +319,13 @@ def status_fields(sample: TrainerSample, now: datetime, output_path: str | None)
     patch keeps whatever status had."""
     out: dict[str, Any] = {}
     if sample.phase is Phase.LOADING:
-        # Nothing is known while loading: a retried pod reports step 0 here until it has resumed, and the
-        # previous attempt's values are the better ones to show meanwhile.
-        return out
-    if sample.step is not None:
-        out["step"] = sample.step
-    if sample.total_steps:
-        out["totalSteps"] = sample.total_steps
-        if sample.step is not None:
-            out["progress"] = format_progress(sample.step, sample.total_steps)
-    if sample.epoch is not None:
-        out["epoch"] = round(sample.epoch, 2)
+        if not sample.step:
+            # A fresh start, or a retry that has not yet said where it resumes: nothing to show yet.
+            return out
+        # A retry publishes the position of the checkpoint it resumes from while it loads: that is where the
+        # run stands now. Nothing is training, so no time left is estimated.
+        return {**_position(sample), **_checkpoint(sample, output_path), "eta": None, "estimatedCompletionTime": None}
+    out.update(_position(sample))
     if sample.step:
         # Gauges read 0 until their first value; a loss of exactly 0 is never a real one.
         for attr, key in (("loss", "loss"), ("eval_loss", "evalLoss"), ("learning_rate", "learningRate"),
@@ -344,12 +340,31 @@ def status_fields(sample: TrainerSample, now: datetime, output_path: str | None)
             out["estimatedCompletionTime"] = rfc3339(now + timedelta(seconds=sample.eta_seconds))
     if sample.gpu_memory_peak_bytes:
         out["gpuMemoryPeakBytes"] = sample.gpu_memory_peak_bytes
-    if sample.last_checkpoint_step:
-        checkpoint: dict[str, Any] = {"step": sample.last_checkpoint_step}
-        if output_path:
-            checkpoint["path"] = checkpoint_path(output_path, sample.last_checkpoint_step)
-        out["lastCheckpoint"] = checkpoint
+    out.update(_checkpoint(sample, output_path))
     return out
+
+
+def _position(sample: TrainerSample) -> dict[str, Any]:
+    """Where the run stands: step, total steps, progress and epoch, as far as the sample tells."""
+    out: dict[str, Any] = {}
+    if sample.step is not None:
+        out["step"] = sample.step
+    if sample.total_steps:
+        out["totalSteps"] = sample.total_steps
+        if sample.step is not None:
+            out["progress"] = format_progress(sample.step, sample.total_steps)
+    if sample.epoch is not None:
+        out["epoch"] = round(sample.epoch, 2)
+    return out
+
+
+def _checkpoint(sample: TrainerSample, output_path: str | None) -> dict[str, Any]:
+    if not sample.last_checkpoint_step:
+        return {}
+    checkpoint: dict[str, Any] = {"step": sample.last_checkpoint_step}
+    if output_path:
+        checkpoint["path"] = checkpoint_path(output_path, sample.last_checkpoint_step)
+    return {"lastCheckpoint": checkpoint}
 
 
 def running_reason(sample: TrainerSample | None) -> str | None:
@@ -365,8 +380,10 @@ def running_reason(sample: TrainerSample | None) -> str | None:
 class MetricsTrack:
     """What the operator remembers of one resource's metrics between reads.
 
-    `pod` is the pod the values came from; a new pod (a retry) keeps the values until its own arrive.
-    `resumed_from`: the checkpoint step a retried pod went on from, once its readings show it.
+    `pod` is the pod last read and `values_pod` the pod `last_good` came from: after a retry the previous
+    attempt's values are kept until the new pod's own arrive. `resumed_from`: the checkpoint step the retry
+    went on from, once its readings show it; `started_over`: the retry found no checkpoint and began at step 0;
+    `left_at`: the last step read from the attempt before, to tell whether the retry went back.
     """
 
     pod: str | None = None
@@ -374,7 +391,10 @@ class MetricsTrack:
     last_good_at: datetime | None = None
     stale_since: datetime | None = None
     error: str | None = None
+    values_pod: str | None = None
     resumed_from: int | None = None
+    started_over: bool = False
+    left_at: int | None = None
     # The pod followed another one and has not yet shown whether it resumed from a checkpoint.
     retry_pending: bool = False
 
@@ -383,21 +403,35 @@ def observe(track: MetricsTrack, pod: str, now: datetime, sample: TrainerSample 
             error: str | None = None) -> MetricsTrack:
     """The track after one read of `pod`: a good sample, or an error (which keeps the last good values).
 
-    A pod that follows another is a retry. The trainer reports the checkpoint it resumes from as its last
-    checkpoint step before it starts training, so a retry's first reading with one says where it went on from;
-    a first training reading without one says it started over.
+    A pod that follows another is a retry. The trainer reports the checkpoint it resumes from (as its last
+    checkpoint step, with that checkpoint's step and epoch) while it loads, so a retry's first reading with one
+    says where it went on from; a first training reading without one says it started over.
     """
     if pod != track.pod:
-        track = replace(track, pod=pod, resumed_from=None, retry_pending=track.pod is not None)
+        left_at = track.last_good.step if track.last_good is not None else None
+        track = replace(track, pod=pod, resumed_from=None, started_over=False, left_at=left_at,
+                        retry_pending=track.pod is not None)
     if sample is None:
         return replace(track, stale_since=track.stale_since or now, error=error or "unreadable")
-    resumed, pending = track.resumed_from, track.retry_pending
+    resumed, started_over, pending = track.resumed_from, track.started_over, track.retry_pending
     if pending and sample.last_checkpoint_step:
         resumed, pending = sample.last_checkpoint_step, False
     elif pending and sample.phase not in (None, Phase.LOADING):
-        pending = False
-    return replace(track, last_good=sample, last_good_at=now, stale_since=None, error=None,
-                   resumed_from=resumed, retry_pending=pending)
+        started_over, pending = not sample.last_checkpoint_step, False
+    return replace(track, last_good=sample, last_good_at=now, stale_since=None, error=None, values_pod=pod,
+                   resumed_from=resumed, started_over=started_over, retry_pending=pending)
+
+
+def attempt_note(track: MetricsTrack) -> str | None:
+    """One line for `status.message` on how a retry went on, or None for a first attempt."""
+    if track.resumed_from:
+        went_back = track.left_at is not None and track.left_at > track.resumed_from
+        redone = f" (steps {track.resumed_from + 1}-{track.left_at} of the attempt before are trained again)" \
+            if went_back else ""
+        return f"resumed from the checkpoint of step {track.resumed_from}{redone}"
+    if track.started_over:
+        return "started over from step 0: no complete checkpoint to resume from"
+    return None
 
 
 def stale_note(track: MetricsTrack) -> str | None:

@@ -79,9 +79,10 @@ def reading(**kw):
     return tm.observe(tm.MetricsTrack(), "a", NOW, sample=tm.TrainerSample(**kw))
 
 
-def merge(desired, previous=None, track=None, summary=None, last_patch=None, min_interval=5.0, now=NOW):
+def merge(desired, previous=None, track=None, summary=None, last_patch=None, min_interval=5.0, now=NOW,
+          shown_pod="a"):
     return mf.merge_metrics(desired, previous or {}, track, summary, "pvc://adapters/bot", now, last_patch,
-                            min_interval)
+                            min_interval, shown_pod=shown_pod)
 
 
 def test_a_reading_adds_fields_and_the_running_reason():
@@ -129,10 +130,55 @@ def test_no_note_or_reason_outside_running():
 
 
 def test_resumed_note():
-    track = tm.observe(reading(step=12, phase=Phase.TRAINING), "b", NOW,
+    track = tm.observe(reading(step=10, phase=Phase.TRAINING), "b", NOW,
                        sample=tm.TrainerSample(step=10, last_checkpoint_step=10, phase=Phase.TRAINING))
     out, _ = merge(running_desired(), track=track)
     assert out["message"].endswith("; resumed from the checkpoint of step 10")
+
+
+def test_a_retry_that_went_back_says_which_steps_are_trained_again():
+    track = tm.observe(reading(step=12, phase=Phase.TRAINING), "b", NOW,
+                       sample=tm.TrainerSample(step=10, last_checkpoint_step=10, phase=Phase.TRAINING))
+    out, _ = merge(running_desired(), track=track)
+    assert out["message"].endswith(
+        "; resumed from the checkpoint of step 10 (steps 11-12 of the attempt before are trained again)")
+    assert out["step"] == 10
+
+
+def test_a_retry_that_started_over_says_so():
+    track = tm.observe(reading(step=12, phase=Phase.TRAINING), "b", NOW,
+                       sample=tm.TrainerSample(step=1, phase=Phase.TRAINING))
+    out, _ = merge(running_desired(), track=track)
+    assert out["message"].endswith("; started over from step 0: no complete checkpoint to resume from")
+
+
+def test_a_retrys_first_values_are_not_held_back_by_the_rate_limit():
+    # Attempt 1 was read at step 27 (checkpoint 25), but the rate limit had shown only step 21 when it died.
+    shown = {"step": 21, "totalSteps": 40, "progress": "52%", "epoch": 1.05, "loss": 2.0, "eta": "20s",
+             "estimatedCompletionTime": "2026-11-27T22:00:20Z", "lastCheckpoint": {"step": 20}}
+    first = reading(step=27, total_steps=40, epoch=1.35, loss=1.9, last_checkpoint_step=25, phase=Phase.TRAINING)
+    # Attempt 2 says, while it loads, that it goes on from the checkpoint of step 25.
+    loading = tm.observe(first, "b", NOW, sample=tm.TrainerSample(
+        step=25, total_steps=40, epoch=1.25, last_checkpoint_step=25, phase=Phase.LOADING))
+    out, changed = merge(running_desired(), previous=shown, track=loading, last_patch=NOW)
+    assert changed
+    assert (out["step"], out["progress"], out["epoch"]) == (25, "62%", 1.25)
+    assert out["lastCheckpoint"]["step"] == 25
+    assert "eta" not in out and "estimatedCompletionTime" not in out  # attempt 1's estimate is not attempt 2's
+    assert out["message"].endswith("; resumed from the checkpoint of step 25 (steps 26-27 of the attempt before "
+                                   "are trained again)")
+    # Once its values are shown, the retry's own readings are rate limited as usual.
+    training = tm.observe(loading, "b", NOW, sample=tm.TrainerSample(step=26, total_steps=40, phase=Phase.TRAINING))
+    held, changed = merge(running_desired(), previous=out, track=training, last_patch=NOW, shown_pod="b")
+    assert not changed and held["step"] == 25
+
+
+def test_a_retry_that_has_not_said_where_it_goes_on_shows_no_eta():
+    shown = {"step": 21, "totalSteps": 40, "eta": "20s", "estimatedCompletionTime": "2026-11-27T22:00:20Z"}
+    first = reading(step=21, total_steps=40, eta_seconds=20, phase=Phase.TRAINING)
+    starting = tm.observe(first, "b", NOW, error="connection refused")
+    out, _ = merge(running_desired(), previous=shown, track=starting, last_patch=NOW)
+    assert out["step"] == 21 and "eta" not in out and "estimatedCompletionTime" not in out
 
 
 def test_rate_limit_holds_back_a_change_until_the_interval_passed():

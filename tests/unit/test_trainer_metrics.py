@@ -220,6 +220,16 @@ def test_nothing_is_shown_while_loading():
     assert tm.running_reason(sample) == "Loading"
 
 
+def test_a_resumed_position_is_shown_while_loading():
+    # A retry says, while it loads, which checkpoint it goes on from: that is where the run stands.
+    sample = tm.TrainerSample(step=25, total_steps=40, epoch=1.25, last_checkpoint_step=25, eta_seconds=9,
+                              phase=Phase.LOADING)
+    assert tm.status_fields(sample, NOW, "out") == {
+        "step": 25, "totalSteps": 40, "progress": "62%", "epoch": 1.25,
+        "lastCheckpoint": {"step": 25, "path": "out/checkpoints/checkpoint-25"},
+        "eta": None, "estimatedCompletionTime": None}
+
+
 def test_no_eta_once_the_trainer_is_done():
     sample = tm.TrainerSample(step=20, total_steps=20, eta_seconds=0, phase=Phase.DONE)
     assert "eta" not in tm.status_fields(sample, NOW, None)

@@ -59,6 +59,8 @@ class TrainerMetrics:
             Metric.PHASE.full, "What the trainer is doing.", states=[p.value for p in Phase], registry=self.registry
         )
         self.values: dict[Metric, Any] = {Metric.TOKENS_TOTAL: 0}
+        # No estimate before the first timed step: NaN reads as "not known yet", where 0 would say "done".
+        self.gauges[Metric.ETA_SECONDS].set(float("nan"))
         self.set(Metric.START_TIME_SECONDS, time.time())
         self.set_phase(Phase.LOADING)
         self.server = None
@@ -68,6 +70,13 @@ class TrainerMetrics:
             return
         self.gauges[metric].set(value)
         self.values[metric] = value
+
+    def resuming(self, step: int, epoch: float, total_steps: int) -> None:
+        """Publish, while still loading, the position a resumed run goes on from (its checkpoint's)."""
+        self.set(Metric.LAST_CHECKPOINT_STEP, step)
+        self.set(Metric.STEP, step)
+        self.set(Metric.EPOCH, epoch)
+        self.set(Metric.TOTAL_STEPS, total_steps or None)
 
     def add_tokens(self, count: int) -> None:
         if count > 0:

@@ -25,7 +25,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import TrainerConfig
-from .contract import Metric, Phase
+from .contract import Phase
 from .data import collator, prepare_data, split_packed
 from .errors import InvalidConfig
 from . import graphs, speed
@@ -346,6 +346,13 @@ def is_valid_checkpoint(path: Path) -> bool:
     return True
 
 
+def resume_position(checkpoint: Path) -> dict[str, Any]:
+    """Where a run resumed from `checkpoint` goes on: its step, epoch and total steps (trainer_state.json)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return {"step": int(state.get("global_step") or checkpoint_step(checkpoint)),
+            "epoch": float(state.get("epoch") or 0.0), "total_steps": int(state.get("max_steps") or 0)}
+
+
 def last_valid_checkpoint(folder: str | Path) -> Path | None:
     """The newest complete checkpoint under `folder`, skipping any a kill left half-written."""
     folder = Path(folder)
@@ -375,6 +382,11 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
     stop = stop or StopOnSignal()
     metrics.set_phase(Phase.LOADING)
     check_optimizer(cfg.training.optimizer)  # fail before the slow part
+    resume = last_valid_checkpoint(Path(cfg.output.dir) / CHECKPOINTS)
+    if resume is not None:
+        # Said before the slow load, so that a retry's status shows where it goes on from while it loads.
+        log.info("resuming from %s", resume)
+        metrics.resuming(**resume_position(resume))
     set_seed(cfg.training.seed)  # LoRA init is random
     model, tokenizer = load_model(cfg)
     data = prepare_data(cfg.dataset, tokenizer, cfg.training.max_length, cfg.training.seed)
@@ -399,7 +411,6 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
         cuda_graphs=cuda_graphs_wanted(os.environ),
     )
     log.info("speed: %s", fast.describe())
-    resume = last_valid_checkpoint(Path(cfg.output.dir) / CHECKPOINTS)
     args = training_arguments(cfg, has_eval=bool(data.eval), packing=packing, eval_on_start=resume is None)
     if fast.owns_checkpointing:
         args.activation_checkpointing = False  # speed.configure set it per block
@@ -417,9 +428,6 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
         token_budget=(fast.token_budget or micro_batch_size(cfg) * cfg.training.max_length) if packing else None,
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback writes the log lines
-    if resume is not None:
-        log.info("resuming from %s", resume)
-        metrics.set(Metric.LAST_CHECKPOINT_STEP, checkpoint_step(resume))
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.requested:
         raise Terminated(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved")

@@ -4,6 +4,7 @@ writes its outputs, and keeps /metrics current while it runs; checkpoints are fo
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -88,6 +89,33 @@ def test_last_valid_checkpoint_skips_incomplete_ones(tmp_path):
     checkpoint(20, marker=True)
     checkpoint(25, weights=False)
     assert last_valid_checkpoint(tmp_path).name == "checkpoint-10"
+
+
+def test_a_resumed_run_says_where_it_goes_on_before_it_loads_the_model(tmp_path, monkeypatch):
+    from qlora_trainer import training
+    from qlora_trainer.metrics import TrainerMetrics
+
+    cfg = config(tmp_path)
+    checkpoint = tmp_path / "out" / training.CHECKPOINTS / "checkpoint-10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 10, "epoch": 0.5, "max_steps": 30}))
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"x")
+    metrics = TrainerMetrics()
+    seen = {}
+
+    class Loading(Exception):
+        pass
+
+    def load_model(cfg):  # the slow part: what /metrics says by then is what a status shows meanwhile
+        seen.update(metrics.values)
+        raise Loading
+
+    monkeypatch.setattr(training, "load_model", load_model)
+    with pytest.raises(Loading):
+        training.train(cfg, metrics)
+    assert seen[Metric.PHASE] == Phase.LOADING.value
+    assert (seen[Metric.STEP], seen[Metric.EPOCH], seen[Metric.TOTAL_STEPS], seen[Metric.LAST_CHECKPOINT_STEP]) == \
+        (10, 0.5, 30, 10)
 
 
 class Scraper(threading.Thread):
@@ -221,7 +249,10 @@ def test_metrics_scraped_during_training_move_as_they_should(trained):
     tokens = series(Metric.TOKENS_TOTAL)
     assert tokens == sorted(tokens) and tokens[-1] == trained["summary"]["tokensTotal"] > tokens[0]
     assert series(Metric.TOTAL_STEPS)[-1] == STEPS
-    assert series(Metric.ETA_SECONDS)[-1] == 0 and max(series(Metric.ETA_SECONDS)) > 0
+    etas = series(Metric.ETA_SECONDS)
+    assert math.isnan(etas[0])  # not known before the first timed step (0 would read as "done")
+    known = [v for v in etas if not math.isnan(v)]
+    assert known[-1] == 0 and max(known) > 0
     assert series(Metric.LAST_CHECKPOINT_STEP)[-1] == STEPS
     assert series(Metric.TOKENS_PER_SECOND)[-1] > 0 and series(Metric.LEARNING_RATE)[-1] > 0
     assert series(Metric.GRAD_NORM)[-1] > 0 and series(Metric.EPOCH)[-1] > 1
