@@ -4,6 +4,8 @@ SHELL := /bin/bash
 
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)
+# An older Go on the machine fetches the toolchain hack/localcluster/go.mod pins from the module proxy.
+export GOTOOLCHAIN ?= auto
 CLUSTER_DIR ?= .localcluster
 PYTEST_ARGS ?=
 # Tests against real processes (control plane, trainer subprocesses) race the clock on a loaded machine:
@@ -14,16 +16,20 @@ RERUNS ?= --reruns 2 --reruns-delay 5
 help: ## List the commands
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
+.PHONY: deps
+deps: ## Install the machine's tools the tests use (Debian packages, Go), if missing
+	@bash hack/deps.sh
+
 .PHONY: venv
-venv: ## Make the Python environment (cached outside the repo) and link it as .venv
+venv: ## Make the Python environment (shared, cached outside the repo) and this checkout's .venv
 	@bash hack/venv.sh
 
 .PHONY: demo
-demo: venv ## Bring up the local cluster and run a demo fine-tune end to end
+demo: deps venv ## Bring up the local cluster and run a demo fine-tune end to end
 	@bash hack/demo.sh
 
 .PHONY: test
-test: venv ## Run every test: unit, local cluster, end to end (GPU tests skip without a GPU)
+test: deps venv ## Run every test: unit, local cluster, end to end (GPU tests skip without a GPU)
 	$(PY) -m pytest -ra $(RERUNS) $(PYTEST_ARGS)
 
 .PHONY: test-unit
@@ -31,11 +37,11 @@ test-unit: venv ## Run the unit tests only (no cluster)
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
 
 .PHONY: test-e2e
-test-e2e: venv ## Run the end-to-end tests only (operator + real trainer on the local cluster)
+test-e2e: deps venv ## Run the end-to-end tests only (operator + real trainer on the local cluster)
 	$(PY) -m pytest -ra -m e2e $(PYTEST_ARGS)
 
 .PHONY: cluster
-cluster: venv ## Start the local Kubernetes control plane and node agent (idempotent)
+cluster: deps venv ## Start the local Kubernetes control plane and node agent (idempotent)
 	$(PY) hack/localcluster/localcluster.py up --dir $(CLUSTER_DIR)
 
 .PHONY: cluster-down

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Makes the project's Python environment once, outside the repo, and links it as .venv.
+# Makes the project's Python environment: the dependencies once, outside the repo, and a small .venv per checkout.
 #
-# torch alone is several GB, so the environment lives in a cache folder shared by every checkout and is
-# only topped up when pyproject.toml's dependencies change. Our own code is NOT installed into it: an
-# install would point at whichever checkout made it first, so the code comes from PYTHONPATH instead.
+# torch alone is several GB, so the dependencies live in a venv in a cache folder shared by every checkout and
+# are only topped up when pyproject.toml's dependencies change. Our own code is not installed there (an install
+# would point at whichever checkout made it first). Instead each checkout gets .venv, a venv without packages of
+# its own whose one .pth file adds the shared site-packages and this checkout's operator/ and trainer/: so
+# `.venv/bin/python -m qlora_trainer` (or `python` after `source .venv/bin/activate`) runs this checkout's code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,4 +44,21 @@ if [ ! -f "$stamp" ]; then
     rm -f "$venv"/.deps-*
     touch "$stamp"
 fi
-ln -sfn "$venv" .venv
+
+# This checkout's .venv (an older layout linked the shared venv itself as .venv).
+[ -L .venv ] && rm .venv
+[ -x .venv/bin/python ] || "$python" -m venv --without-pip .venv
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+shared=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+repo=$(pwd -P)
+pth="import site; site.addsitedir('$shared')
+$repo/operator
+$repo/trainer
+$repo"
+[ "$(cat "$site/qlora-operator.pth" 2>/dev/null)" = "$pth" ] || printf '%s\n' "$pth" > "$site/qlora-operator.pth"
+# The shared venv's tools (pytest, hadolint, ...) beside this python, for whoever looks for them there.
+for tool in "$venv"/bin/*; do
+    name=$(basename "$tool")
+    case "$name" in python*|activate*|pip*|Activate*) continue ;; esac
+    [ -e ".venv/bin/$name" ] || ln -s "$tool" ".venv/bin/$name"
+done

@@ -417,7 +417,7 @@ def test_pod_monitor_watches_all_namespaces_by_default(helm, tmp_path):
 def promtool() -> str:
     path = shutil.which("promtool")
     if not path:
-        pytest.fail("promtool not found: apt-get install prometheus (.ci/run installs it)")
+        pytest.fail("promtool not found: `make deps` installs it (apt-get install prometheus)")
     return path
 
 
