@@ -170,7 +170,11 @@ def trained(tmp_path_factory, tiny_model_dir):
     metrics.serve(port, "127.0.0.1")
     try:
         summary = train(cfg, metrics)
-        time.sleep(0.2)  # one more scrape after `done`
+        # One more scrape after `done` (a state to wait for: on a loaded machine the scraper may lag).
+        seen = len(scraper.seen)
+        deadline = time.monotonic() + 60
+        while len(scraper.seen) <= seen + 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         scraper.stopped.set()
         scraper.join()
