@@ -25,12 +25,16 @@ deps: ## Install the machine's tools the tests use (Debian packages, Go), if mis
 venv: ## Make the Python environment (shared, cached outside the repo) and this checkout's .venv
 	@bash hack/venv.sh
 
+.PHONY: bins
+bins: deps venv ## Build the local cluster's binaries from Go modules (cached; the first build takes a long while)
+	@$(PY) hack/localcluster/localcluster.py build
+
 .PHONY: demo
-demo: deps venv ## Bring up the local cluster and run a demo fine-tune end to end
+demo: bins ## Bring up the local cluster and run a demo fine-tune end to end
 	@bash hack/demo.sh
 
 .PHONY: test
-test: deps venv ## Run every test: unit, local cluster, end to end (GPU tests skip without a GPU)
+test: bins ## Run every test: unit, local cluster, end to end (GPU tests skip without a GPU)
 	$(PY) -m pytest -ra $(RERUNS) $(PYTEST_ARGS)
 
 .PHONY: test-unit
@@ -38,11 +42,11 @@ test-unit: venv ## Run the unit tests only (no cluster)
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
 
 .PHONY: test-e2e
-test-e2e: deps venv ## Run the end-to-end tests only (operator + real trainer on the local cluster)
+test-e2e: bins ## Run the end-to-end tests only (operator + real trainer on the local cluster)
 	$(PY) -m pytest -ra -m e2e $(PYTEST_ARGS)
 
 .PHONY: cluster
-cluster: deps venv ## Start the local Kubernetes control plane and node agent (idempotent)
+cluster: bins ## Start the local Kubernetes control plane and node agent (idempotent)
 	$(PY) hack/localcluster/localcluster.py up --dir $(CLUSTER_DIR)
 
 .PHONY: cluster-down
