@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TRAINER_DIR = Path(__file__).resolve().parents[3] / "trainer"
 
 
@@ -52,6 +54,46 @@ def test_lora_dropout_is_on_in_every_training_forward_of_every_rank_after_an_eva
         # the evaluations at the start, at step 2 and at the end, with dropout on in the training between them.
         phases = [tuple(key) for key, _ in itertools.groupby(forwards)]
         assert phases == [(False, False), (True, True), (False, False), (True, True), (False, False)], rank
+
+
+STEPS = 9  # three epochs of 24 training examples, 8 an optimizer step
+
+
+def test_two_workers_with_half_the_batch_learn_as_one_worker_with_all_of_it(tmp_path, tiny_model_dir):
+    """The same seed, so the same LoRA init and the same order of examples: each step's 8 examples are one
+    worker's 2 x 4, or two workers' 2 x 2 (the sampler deals each step's first 4 to rank 0, the next 4 to
+    rank 1). The loss is the mean over the answer tokens of all 8 examples either way, so the curves match."""
+    from qlora_trainer.testing import bilingual_qa_records, tiny_config, write_jsonl
+
+    data = write_jsonl(tmp_path / "data.jsonl", bilingual_qa_records(4))
+    runs = {}
+    for workers in (1, 2):
+        doc = tiny_config(tiny_model_dir, data, tmp_path / f"out-{workers}", maxSteps=STEPS, checkpointEvery=STEPS,
+                          batchSize=4 // workers, gradientAccumulationSteps=2)
+        doc["dataset"]["evalFraction"] = 0  # eval batches of 4 and of 2 average the loss differently
+        out = torchrun(tmp_path, doc, workers)
+        state = json.loads((out / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+        logged = [e for e in state["log_history"] if "loss" in e]
+        runs[workers] = (
+            {e["step"]: e["loss"] for e in logged},
+            {e["step"]: e["grad_norm"] for e in logged},
+            json.loads((out / "summary.json").read_text())["tokensTotal"],
+        )
+    (loss, grad_norm, tokens), (loss_2, grad_norm_2, tokens_2) = runs[1], runs[2]
+    assert list(loss) == list(range(1, STEPS + 1)) and loss[STEPS] < loss[1] / 2  # it learns: a curve, not a line
+    assert tokens_2 == tokens
+    # What differs is only the order of float32 sums: the micro-batches are cut at 128 tokens instead of 256,
+    # the two ranks' gradients are added by the all-reduce instead of in one backward, and each rank's loss is
+    # scaled by the world size before the mean of the two. Each such rounding is about 1e-7 of the value; the
+    # optimizer carries it into the next step's weights, where it grows a little a step: at most 6e-6 over these
+    # 9 steps when measured (the same on every run). Dropout is off (the config's 0): with it, each rank draws its
+    # own masks, other draws than the one worker's, and the curves would agree only as two random samples do.
+    # 1e-4 is well under what a real fault moves: each rank normalising its loss by its own tokens instead of all
+    # 8 examples' is off by 3e-4 to 8e-2 at every step, gradients not all-reduced by up to 7e-1. A gradient
+    # halved on both ranks leaves the loss curve as it is (clipped to the same norm, and Adam's step does not
+    # depend on the gradient's scale): the gradient norm's curve shows it (5e-1).
+    assert loss_2 == pytest.approx(loss, rel=1e-4)
+    assert grad_norm_2 == pytest.approx(grad_norm, rel=1e-4)
 
 
 def record_dropout_and_train(records: Path, argv: list[str]) -> int:
