@@ -21,6 +21,7 @@ from qlora_trainer.config import (
     TrainerConfig,
 )
 from qlora_trainer.contract import METRICS_PORT, FailureReason
+from qlora_trainer.launch import MULTICAST_OFF
 
 from qlora_operator.api import API_VERSION, KIND, QLoRAFinetuneSpec
 from qlora_operator.settings import Settings
@@ -236,9 +237,11 @@ def _env(owner: Owner, spec: QLoRAFinetuneSpec) -> list[dict[str, Any]]:
             {"name": "MASTER_ADDR", "value": f"{job_name(owner.name)}-0.{service_name(owner.name)}"},
             {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         ]
-    for var in spec.runtime.env or ():
-        env.append(var.to_wire())
-    return env
+    user = [var.to_wire() for var in spec.runtime.env or ()]
+    if spec.resources.gpus > 1 or nodes > 1:  # data-parallel: the workers talk through NCCL
+        named = {var["name"] for var in user}
+        env += [{"name": k, "value": v} for k, v in MULTICAST_OFF.items() if k not in named]
+    return env + user
 
 
 def _volumes(owner: Owner, spec: QLoRAFinetuneSpec) -> tuple[list[dict], list[dict]]:

@@ -298,6 +298,23 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service():
     assert kinds == ["ConfigMap", "Service", "Job"]
 
 
+@pytest.mark.parametrize(
+    "resources, data_parallel",
+    [({}, False), ({"gpus": 0}, False), ({"gpus": 2}, True), ({"nodes": 2, "gpus": 1}, True),
+     ({"nodes": 2, "gpus": 0}, True)],
+)
+def test_data_parallel_pods_run_with_nvlink_multicast_off(resources, data_parallel):
+    env = env_of(job_of(resources=resources))
+    off = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    assert {name: env[name]["value"] for name in off if name in env} == (off if data_parallel else {})
+
+
+def test_runtime_env_sets_nvlink_multicast_its_own_way():
+    job = job_of(resources={"gpus": 8}, runtime={"env": [{"name": "NCCL_NVLS_ENABLE", "value": "1"}]})
+    assert [e["value"] for e in container(job)["env"] if e["name"] == "NCCL_NVLS_ENABLE"] == ["1"]
+    assert env_of(job)["NVSHMEM_DISABLE_NVLS"]["value"] == "1"
+
+
 def test_single_node_has_no_service():
     assert builders.build_service(OWNER, spec_of()) is None
     assert [c["kind"] for c in builders.build_children(OWNER, spec_of(), SETTINGS)] == ["ConfigMap", "Job"]

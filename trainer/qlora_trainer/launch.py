@@ -18,6 +18,10 @@ from .config import TrainerConfig
 
 log = logging.getLogger(__name__)
 
+# NVLink multicast off in NCCL, PyTorch's symmetric memory and NVSHMEM: on a host whose GPUs others share, a
+# program that uses it can put them all out of service. Defaults: a value the environment already has is kept.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
 
 def is_worker(env: Mapping[str, str] = os.environ) -> bool:
     """Whether this process is already one of torchrun's workers."""
@@ -50,13 +54,18 @@ def torchrun_command(cfg: TrainerConfig, argv: list[str], env: Mapping[str, str]
     return [*command, "-m", "qlora_trainer", *argv]
 
 
+def worker_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The workers' environment: this process's, with NVLink multicast off where it does not say otherwise."""
+    return {**MULTICAST_OFF, **env}
+
+
 def launch(cfg: TrainerConfig, argv: list[str]) -> int:
     """Run the workers and return the run's exit code: rank 0's, as its termination summary says, else
     torchrun's. SIGTERM and SIGINT go on to torchrun, which hands them to every worker."""
     command = torchrun_command(cfg, argv)
     log.info("starting %d worker(s) on this node: %s", max(cfg.gpus, 1), " ".join(command))
     started = time.time()
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=worker_env())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: process.send_signal(signum))
     code = process.wait()

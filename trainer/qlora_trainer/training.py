@@ -201,8 +201,11 @@ class QLoRATrainer(Trainer):
     def _train_mode_kept(self, model):
         """The Trainer puts the model in training mode before every micro-batch, a walk over every module; after
         the first walk, while the model stays in training mode, the next ones are skipped. Evaluation puts the
-        model in eval mode, and the walk after it is done again."""
-        if self._in_train_mode is not model or not model.training:
+        model in eval mode, and the walk after it is done again. The mode is read on the model inside a
+        data-parallel wrapper too: evaluation runs the unwrapped model, so the wrapper stays in training mode
+        while the model in it (its LoRA dropout) is in eval mode."""
+        inner = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        if self._in_train_mode is not model or not model.training or not inner.training:
             model.train()
             self._in_train_mode = model
         model.train = _keep_mode.__get__(model)

@@ -227,6 +227,33 @@ def test_launcher_runs_one_worker_per_gpu_and_spans_nodes():
     assert "--standalone" not in multi
 
 
+def test_workers_start_with_nvlink_multicast_off_unless_the_environment_says_otherwise(tmp_path, monkeypatch):
+    from qlora_trainer import launch
+    from qlora_trainer.config import TrainerConfig
+
+    started = []
+
+    class Torchrun:  # as launch() sees it
+        def __init__(self, command, env):
+            started.append(env)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(launch.subprocess, "Popen", Torchrun)
+    monkeypatch.setattr(launch.signal, "signal", lambda signum, handler: None)
+    monkeypatch.delenv("NCCL_NVLS_ENABLE", raising=False)
+    monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", raising=False)
+    monkeypatch.setenv("NVSHMEM_DISABLE_NVLS", "0")
+    cfg = TrainerConfig.model_validate({"dataset": {"path": "d.jsonl"}, "output": {"dir": str(tmp_path)}, "gpus": 2,
+                                        "terminationMessagePath": str(tmp_path / "termination-log")})
+    assert launch.launch(cfg, ["--config", "c.json"]) == 0
+    (env,) = started
+    assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+    assert env["NVSHMEM_DISABLE_NVLS"] == "0"  # the environment's own
+    assert env["PATH"] == os.environ["PATH"]
+
+
 def test_data_parallel_workers_stop_together_when_one_is_signalled(tmp_path, tiny_model_dir):
     """Two CPU workers under torchrun: a SIGTERM to rank 1 alone stops both at the same step with one
     checkpoint; rank 0 alone serves metrics and writes the termination summary."""
