@@ -38,7 +38,7 @@ test: bins ## Run every test: unit, local cluster, end to end (GPU tests skip wi
 	$(PY) -m pytest -ra $(RERUNS) $(PYTEST_ARGS)
 
 .PHONY: test-unit
-test-unit: venv ## Run the unit tests only (no cluster)
+test-unit: deps venv ## Run the unit tests only (no cluster)
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
 
 .PHONY: test-e2e
