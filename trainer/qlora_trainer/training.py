@@ -283,9 +283,14 @@ def _keep_mode(self, mode: bool = True):
 
 class StopOnSignal(TrainerCallback):
     """SIGTERM: save a checkpoint and stop at the next step boundary. Before training starts, exit at once
-    (`Terminated`), as nothing is lost yet."""
+    (`Terminated`), as nothing is lost yet.
+
+    `signalled` is this process's SIGTERM, set by the handler alone; `requested` is the workers' agreement to
+    stop, set at a step's end alone. Kept apart because the handler runs between any two bytecodes: were the
+    agreement written over the flag, a SIGTERM landing during the all-reduce would be overwritten and lost."""
 
     def __init__(self) -> None:
+        self.signalled = False
         self.requested = False
         self.training = False
 
@@ -294,7 +299,7 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum, frame) -> None:
         log.warning("SIGTERM: %s", "saving a checkpoint at the end of this step" if self.training else "stopping")
-        self.requested = True
+        self.signalled = True
         if not self.training:
             raise Terminated("stopped by SIGTERM before training started")
 
@@ -302,8 +307,8 @@ class StopOnSignal(TrainerCallback):
         self.training = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.requested = self._anywhere(self.requested, args.device)
-        if self.requested:
+        if self._anywhere(self.signalled, args.device):
+            self.requested = True
             control.should_save = True
             control.should_training_stop = True
 

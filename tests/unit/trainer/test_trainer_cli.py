@@ -289,3 +289,32 @@ def test_data_parallel_workers_stop_together_when_one_is_signalled(tmp_path, tin
     assert summary["status"] == "Terminated" and summary["exitCode"] == EXIT_TERMINATED
     (checkpoint,) = (tmp_path / "out" / "checkpoints").iterdir()
     assert checkpoint.name == f"checkpoint-{summary['step']}" and summary["step"] < 500
+
+
+def test_a_sigterm_during_the_workers_agreement_is_not_lost(monkeypatch):
+    """The handler can run while the all-reduce of a step's end waits for the other workers (its C call returns,
+    then Python runs the handler before the result is stored). That SIGTERM must stop the run at the next step,
+    not be written over by the agreement the workers reached before it."""
+    from types import SimpleNamespace
+
+    from qlora_trainer.training import StopOnSignal
+
+    stop = StopOnSignal()
+    stop.training = True
+    agreements = []
+
+    def all_reduce_during_which_sigterm_lands(flag, device):
+        agreements.append(flag)
+        if len(agreements) == 1:
+            stop._handle(signal.SIGTERM, None)  # lands after the flags were exchanged
+        return flag
+
+    monkeypatch.setattr(StopOnSignal, "_anywhere", staticmethod(all_reduce_during_which_sigterm_lands))
+    args, state = SimpleNamespace(device="cpu"), SimpleNamespace()
+    first = SimpleNamespace(should_save=False, should_training_stop=False)
+    stop.on_step_end(args, state, first)
+    assert not first.should_training_stop  # the workers agreed on "go on" before the signal came
+    second = SimpleNamespace(should_save=False, should_training_stop=False)
+    stop.on_step_end(args, state, second)
+    assert agreements == [False, True]
+    assert second.should_save and second.should_training_stop and stop.requested
