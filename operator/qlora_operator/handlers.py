@@ -9,6 +9,7 @@ on Jobs and pods labelled `qlora.io/finetune` feed the reporter's view and trigg
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 PREFIX = GROUP  # kopf's own annotations: qlora.io/<handler>, qlora.io/last-handled-configuration
 # Every so often every run's status is recomputed, in case a watch event was missed.
 RESYNC_SECONDS = 60.0
+# Every so many resyncs, the Jobs and pods are listed afresh: a watch that lost its place (410 Gone) re-lists
+# without a DELETED event for what was removed meanwhile.
+RELIST_EVERY = 5
 
 
 @dataclass
@@ -81,7 +85,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configure(settings)
     op: Operator = memo.operator
-    memo.resync = asyncio.get_running_loop().create_task(_resync(op.reporter))
+    memo.resync = asyncio.get_running_loop().create_task(_resync(op))
 
 
 @kopf.on.cleanup()
@@ -92,9 +96,15 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await op.kube.close()
 
 
-async def _resync(reporter: Reporter) -> None:
-    while True:
+async def _resync(op: Operator) -> None:
+    reporter = op.reporter
+    for round_ in itertools.count(1):
         await asyncio.sleep(RESYNC_SECONDS)
+        if round_ % RELIST_EVERY == 0:
+            try:
+                await reporter.relist(op.settings.watch_namespaces or (None,))
+            except ApiError as err:  # the next round tries again; the watches go on meanwhile
+                log.warning("relisting Jobs and pods failed: %s", err)
         for key in list(reporter.finetunes):
             reporter.poke(key)
 

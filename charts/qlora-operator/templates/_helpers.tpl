@@ -91,10 +91,11 @@ watched namespace.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get]
-# Events on each QLoRAFinetune: its transitions, and kopf's warnings.
+# Events on each QLoRAFinetune: its transitions, and kopf's warnings; and the Job controller's FailedCreate
+# Events of a Job that has no pod (a quota, a policy or a webhook refuses it), listed by field selector.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end }}
 
 {{/* The operator's settings (operator/qlora_operator settings read from QLORA_* variables). */}}
