@@ -34,6 +34,8 @@ RESYNC_SECONDS = 60.0
 # Every so many resyncs, the Jobs and pods are listed afresh: a watch that lost its place (410 Gone) re-lists
 # without a DELETED event for what was removed meanwhile.
 RELIST_EVERY = 5
+# The children the operator watches, as (group, version, plural); only those labelled qlora.io/finetune.
+CHILD_WATCHES = (("batch", "v1", "jobs"), ("", "v1", "pods"))
 
 
 @dataclass
@@ -75,6 +77,10 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # Resources and namespaces are the ones known at start: no list/watch of CRDs and namespaces needed.
     settings.scanning.disabled = True
     settings.posting.level = logging.WARNING
+    # The watches of Jobs and pods ask the API server for ours only: a `labels=` filter of a handler is applied
+    # on the client, after every Job and pod of the cluster came over the wire.
+    for group, version, plural in CHILD_WATCHES:
+        settings.watching.label_selectors[group, version, plural] = builders.LABEL_FINETUNE
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
@@ -117,12 +123,12 @@ async def finetune_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_
     memo.operator.reporter.saw_finetune(body, deleted=type == "DELETED")
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_FINETUNE: kopf.PRESENT})
+@kopf.on.event(*CHILD_WATCHES[0], labels={builders.LABEL_FINETUNE: kopf.PRESENT})
 async def job_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _child_event(memo.operator.reporter, memo.operator.reporter.saw_job, type, body)
 
 
-@kopf.on.event("", "v1", "pods", labels={builders.LABEL_FINETUNE: kopf.PRESENT})
+@kopf.on.event(*CHILD_WATCHES[1], labels={builders.LABEL_FINETUNE: kopf.PRESENT})
 async def pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _child_event(memo.operator.reporter, memo.operator.reporter.saw_pod, type, body)
 

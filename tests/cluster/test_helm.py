@@ -520,6 +520,12 @@ def test_rbac_is_minimal_every_rule_is_used_and_nothing_is_refused(release, clus
     assert not unused, f"rules the operator never used (remove them from the chart): {sorted(unused)}\n{operator.log()[-3000:]}"
     ungranted = used - granted
     assert not ungranted, f"calls outside the rules (a 403 in another cluster): {sorted(ungranted)}"
+    # The watches of Jobs and pods ask for the operator's own only (a server-side label selector), not for
+    # every Job and pod of the cluster.
+    child_watches = [c for c in proxy.calls if c.query.get("watch") and c.path.rsplit("/", 1)[-1] in ("jobs", "pods")]
+    assert child_watches, "no watch of Jobs or pods went through the proxy"
+    assert all(c.query.get("labelSelector") == [builders.LABEL_FINETUNE] for c in child_watches), \
+        sorted({(c.path, str(c.query.get("labelSelector"))) for c in child_watches})
     # Nothing cluster-wide besides the watches and lists of the operator's own kinds.
     cluster_wide = {c.attributes for c in proxy.calls if c.attributes and "/namespaces/" not in c.path}
     assert {verb for _, _, verb in cluster_wide} <= {"list", "watch"}
