@@ -1,7 +1,7 @@
 """Kubernetes I/O of the operator: a thin async REST client (dicts in, dicts out) and the few calls it makes.
 
 Every API call the operator makes (beyond kopf's own watches) is a method here, so the Helm chart's RBAC can be
-read off this file: get secrets, configmaps, persistentvolumeclaims, jobs; list pods and jobs (at start, and
+read off this file: get configmaps, persistentvolumeclaims, jobs (never secrets); list pods and jobs (at start, and
 now and then to recover from a lost watch), list events (a Job's FailedCreate); create configmaps, services,
 jobs, events; patch configmaps, jobs, and qlorafinetunes/status.
 """
@@ -57,7 +57,6 @@ class ApiError(Exception):
 # Kinds the operator reads or writes: kind -> (API prefix, plural).
 _PATHS = {
     "ConfigMap": ("/api/v1", "configmaps"),
-    "Secret": ("/api/v1", "secrets"),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Service": ("/api/v1", "services"),
     "Pod": ("/api/v1", "pods"),

@@ -42,6 +42,8 @@ COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                       "RegistryUnavailable", "SignatureValidationFailed"}
 MESSAGE_LIMIT = 1000
+# The kubelet's words for a Secret, or a key of one, that a container's environment names and that is missing.
+_MISSING_SECRET = re.compile(r'secret "[^"]*" not found|couldn\'t find key \S+ in Secret', re.IGNORECASE)
 # A hub token that found its way into a log line (FallbackToLogsOnError) never reaches status or an Event.
 _TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
 
@@ -226,8 +228,14 @@ def pod_waiting_problem(pod: Mapping[str, Any], image: str | None) -> Verdict | 
             return Verdict(Phase.PENDING.value, Reason.IMAGE_PULL_ERROR.value, one_line(
                 f"cannot pull image {what} ({reason}){detail}; check runtime.image and runtime.imagePullSecrets"))
         if reason == "CreateContainerConfigError":
+            said = waiting.get("message") or reason
+            if _MISSING_SECRET.search(said):
+                # The kubelet reads the Secret as the pod's identity: the operator needs no access to Secrets.
+                return Verdict(Phase.PENDING.value, Reason.SECRET_NOT_FOUND.value, one_line(
+                    f"the trainer cannot start: {said}; create it (spec.model.tokenSecretRef, runtime.env), "
+                    "and the run starts"))
             return Verdict(Phase.PENDING.value, "ContainerConfigError", one_line(
-                f"the trainer container cannot start: {waiting.get('message') or reason}"))
+                f"the trainer container cannot start: {said}"))
     return None
 
 

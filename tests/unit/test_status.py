@@ -94,8 +94,14 @@ CASES = [
     ("err-image-pull", dict(job_=job(), pods=[pod(waiting={"reason": "ErrImagePull"})]),
      "Pending", ("Unknown", "ImagePullError"), "runtime.image"),
     ("config-error", dict(job_=job(), pods=[pod(waiting={"reason": "CreateContainerConfigError",
-                                                         "message": 'secret "hf" not found'})]),
-     "Pending", ("Unknown", "ContainerConfigError"), 'secret "hf" not found'),
+                                                         "message": 'configmap "cfg" not found'})]),
+     "Pending", ("Unknown", "ContainerConfigError"), 'configmap "cfg" not found'),
+    ("secret-missing-at-the-kubelet", dict(job_=job(), pods=[pod(waiting={
+        "reason": "CreateContainerConfigError", "message": 'secret "hf" not found'})]),
+     "Pending", ("Unknown", "SecretNotFound"), 'secret "hf" not found'),
+    ("secret-key-missing-at-the-kubelet", dict(job_=job(), pods=[pod(waiting={
+        "reason": "CreateContainerConfigError", "message": "couldn't find key HF_TOKEN in Secret ml/hf"})]),
+     "Pending", ("Unknown", "SecretNotFound"), "couldn't find key HF_TOKEN in Secret ml/hf"),
     ("running", dict(job_=job(active=1), pods=[pod(phase="Running", running=T0)]),
      "Running", ("Unknown", "Running"), "running"),
     ("trainer-done-job-completing", dict(job_=job(), pods=[pod(phase="Succeeded",

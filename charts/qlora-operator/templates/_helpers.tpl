@@ -83,10 +83,6 @@ watched namespace.
 - apiGroups: [""]
   resources: [services]
   verbs: [get, create]
-# spec.model.tokenSecretRef: the operator checks the Secret and key exist; only the trainer pod reads the value.
-- apiGroups: [""]
-  resources: [secrets]
-  verbs: [get]
 # spec.model.pvc, spec.dataset.pvc and spec.output.pvc are checked to exist.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
