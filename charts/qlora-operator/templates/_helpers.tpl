@@ -65,6 +65,11 @@ watched namespace.
 - apiGroups: [qlora.io]
   resources: [qlorafinetunes/status]
   verbs: [patch]
+# The children's ownerReferences block the run's deletion until they are gone (blockOwnerDeletion); where the
+# OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift), that takes update on its finalizers.
+- apiGroups: [qlora.io]
+  resources: [qlorafinetunes/finalizers]
+  verbs: [update]
 # The trainer's Job: looked up and created per run, listed and watched for state, patched for
 # suspend, deadline and TTL.
 - apiGroups: [batch]
