@@ -20,6 +20,7 @@ import asyncio
 import json
 import re
 import ssl
+import subprocess
 import threading
 import urllib.request
 import uuid
@@ -31,7 +32,7 @@ from urllib.parse import parse_qs
 import pytest
 import yaml
 
-from tests.cluster.operator_fixture import OperatorProcess, finetune, standin_image  # noqa: F401
+from tests.cluster.operator_fixture import OperatorProcess, crd, finetune, standin_image  # noqa: F401
 
 pytestmark = pytest.mark.cluster
 
@@ -54,8 +55,6 @@ class Release:
     installed: bool = True
 
     def helm(self, *args: str, check: bool = True, timeout: float = 300):
-        import subprocess
-
         cmd = [self.cluster.bin("helm"), "--kubeconfig", str(self.cluster.kubeconfig), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.cluster.env)
         if check:
@@ -586,3 +585,71 @@ def test_uninstall_leaves_nothing_but_the_crd_and_the_runs(release, cluster, wor
     assert crd_obj["metadata"]["name"] == "qlorafinetunes.qlora.io"
     assert get_finetune(cluster, workload_ns, "helm-run")["status"]["phase"] == "Succeeded"
     assert release.helm("status", release.name, "--namespace", release.namespace, check=False).returncode != 0
+
+
+# ------------------------------------------------------------------------------- admission policy
+
+def test_admission_policy_lets_users_create_runs_only_with_what_they_may_use(cluster, crd, namespace):
+    """The chart's optional ValidatingAdmissionPolicy (admissionPolicy.enabled) on the real API server: a user
+    who may create QLoRAFinetunes but not pods, not the Secrets or ServiceAccount a run names, or an image off
+    the allowlist, is refused at `kubectl apply` with the reason."""
+    out = helm_output([cluster.bin("helm"), "template", "qft", str(CHART),
+                          "--show-only", "templates/admissionpolicy.yaml",
+                          "--set", "admissionPolicy.enabled=true",
+                          "--set", "admissionPolicy.allowedImagePrefixes={qlora-standin}",
+                          "--set", f"watchNamespaces={{{namespace}}}"])
+    policy = [d for d in yaml.safe_load_all(out) if d]
+    names = [f"{d['kind'].lower()}/{d['metadata']['name']}" for d in policy]
+
+    def as_alice(*args, user="alice"):
+        return cluster.kubectl(*args, "--as", user, namespace=namespace, check=False)
+
+    def create(body, user="alice"):
+        """The API server's answer to a create (dry run: nothing is stored), as `user` (None: the admin)."""
+        args = ("create", "--dry-run=server", "-f", "-")
+        if user is None:
+            return cluster.kubectl(*args, namespace=namespace, input=json.dumps(body), check=False)
+        return cluster.kubectl(*args, "--as", user, namespace=namespace, input=json.dumps(body), check=False)
+
+    grant = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "alice"},
+             "rules": [{"apiGroups": ["qlora.io"], "resources": ["qlorafinetunes"], "verbs": ["create"]}]}
+    cluster.kubectl("apply", "-f", "-", namespace=namespace, input=json.dumps(grant))
+    cluster.kubectl("create", "rolebinding", "alice", "--role=alice", "--user=alice", namespace=namespace)
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": policy}))
+    try:
+        plain = finetune("p", "qlora-standin:1")
+        refused = cluster.wait_until(lambda: (lambda r: r if r.returncode else None)(create(plain)), timeout=60,
+                                     what="the policy to take effect")
+        assert "you may not create pods in namespace" in refused.stderr
+        grant["rules"].append({"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]})
+        grant["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+                               "resourceNames": ["hf"]})
+        cluster.kubectl("apply", "-f", "-", namespace=namespace, input=json.dumps(grant))
+        cluster.wait_until(lambda: create(plain).returncode == 0, timeout=30, what="alice's new rights")
+        mine = finetune("t", "qlora-standin:1", model={"tokenSecretRef": {"name": "hf"}})
+        assert create(mine).returncode == 0
+        for body, said in (
+            (finetune("o", "qlora-standin:1", model={"tokenSecretRef": {"name": "other"}}),
+             "you may not read Secret other"),
+            (finetune("e", "qlora-standin:1", runtime={"env": [
+                {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "other", "key": "k"}}}]}),
+             "a secretKeyRef names a Secret you may not read"),
+            (finetune("s", "qlora-standin:1", runtime={"serviceAccountName": "deployer"}),
+             "you may not act as ServiceAccount deployer"),
+            (finetune("i", "registry.example/miner:1"), "registry.example/miner:1 is not allowed here"),
+        ):
+            answer = create(body)
+            assert answer.returncode != 0 and said in answer.stderr, (said, answer.stderr)
+        # The admin may use any Secret and ServiceAccount, but no image off the list either.
+        assert create(finetune("a", "qlora-standin:1", runtime={"serviceAccountName": "deployer"}),
+                      user=None).returncode == 0
+        assert "is not allowed here" in create(finetune("b", "registry.example/miner:1"), user=None).stderr
+        assert as_alice("auth", "can-i", "create", "qlorafinetunes.qlora.io").stdout.strip() == "yes"
+    finally:
+        cluster.kubectl("delete", *names, "--ignore-not-found", check=False)
+
+
+def helm_output(argv: list[str]) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout

@@ -662,3 +662,17 @@ def test_the_example_user_roles_grant_runs_and_nothing_of_the_operators():
     assert {(g, r) for g, r, v in granted if v in writes} == {("qlora.io", "qlorafinetunes")}
     assert not {r for _, r, _ in granted} & {"secrets", "configmaps", "qlorafinetunes/status"}
     assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in viewer["rules"])
+
+
+def test_the_admission_policy_is_optional_and_bound_to_the_watched_namespaces(helm, default_docs, tmp_path):
+    assert not by_kind(default_docs, "ValidatingAdmissionPolicy")
+    docs = render(helm, {"admissionPolicy": {"enabled": True, "allowedImagePrefixes": ["ghcr.io/acme/"]},
+                         "watchNamespaces": ["team-a"]}, tmp=tmp_path)
+    policy, binding = one(docs, "ValidatingAdmissionPolicy"), one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"] and policy["spec"]["failurePolicy"] == "Fail"
+    expressions = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    for checked in ("resource('pods')", "check('create')", "resource('serviceaccounts')", "check('impersonate')",
+                    "resource('secrets')", "check('get')", '["ghcr.io/acme/"]'):
+        assert checked in expressions
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a"]
