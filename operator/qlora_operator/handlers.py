@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from qlora_operator import builders
+from qlora_operator import builders, regroup
 from qlora_operator.api import GROUP, PLURAL, VERSION, QLoRAFinetuneSpec, Reason
 from qlora_operator.checks import check_references, parse_spec
 from qlora_operator.kube import ApiError, Kube
@@ -125,18 +125,37 @@ async def finetune_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_
 
 @kopf.on.event(*CHILD_WATCHES[0], labels={builders.LABEL_FINETUNE: kopf.PRESENT})
 async def job_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _child_event(memo.operator.reporter, memo.operator.reporter.saw_job, type, body)
+    await _regroup(memo.operator, _child_event(memo.operator.reporter, memo.operator.reporter.saw_job, type, body))
 
 
 @kopf.on.event(*CHILD_WATCHES[1], labels={builders.LABEL_FINETUNE: kopf.PRESENT})
 async def pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _child_event(memo.operator.reporter, memo.operator.reporter.saw_pod, type, body)
+    await _regroup(memo.operator, _child_event(memo.operator.reporter, memo.operator.reporter.saw_pod, type, body))
 
 
-def _child_event(reporter: Reporter, saw, type: str | None, body: kopf.Body) -> None:
+def _child_event(reporter: Reporter, saw, type: str | None, body: kopf.Body) -> Key | None:
     key = saw(body, deleted=type == "DELETED")
     if key is not None and key in reporter.finetunes:
         reporter.poke(key)
+        return key
+    return None
+
+
+async def _regroup(op: Operator, key: Key | None) -> None:
+    """Restart a multi-node run's ranks together when one was replaced alone (regroup.py)."""
+    body = op.reporter.finetunes.get(key) if key else None
+    job = op.reporter.job_of(key, body["metadata"]["uid"]) if body else None
+    patch = regroup.next_step(job, op.reporter.current_pods(key)) if job else None
+    if patch is None:
+        return
+    meta = job["metadata"]
+    try:
+        updated = await op.kube.patch("Job", meta["namespace"], meta["name"], patch)
+    except ApiError as err:  # the next event of the Job or its pods tries again
+        log.warning("regrouping Job %s/%s: %s", meta["namespace"], meta["name"], err)
+        return
+    op.reporter.jobs[key] = trim_job(updated)
+    log.info("Job %s/%s: %s", meta["namespace"], meta["name"], patch)
 
 
 # --------------------------------------------------------------------------------- the reconcile
@@ -226,8 +245,9 @@ async def _sync_job(op: Operator, key: Key, job: dict[str, Any], spec: QLoRAFine
     patch: dict[str, Any] = {}
     if spec.suspend and not current.get("suspend"):
         patch["suspend"] = True
-    elif not spec.suspend and current.get("suspend") and not spec.runtime.queue_name:
-        # With a Kueue queue, unsuspending is Kueue's decision (it admits the Job).
+    elif not spec.suspend and current.get("suspend") and not spec.runtime.queue_name and \
+            regroup.ANNOTATION not in ((job.get("metadata") or {}).get("annotations") or {}):
+        # With a Kueue queue, unsuspending is Kueue's decision (it admits the Job); a regroup resumes by itself.
         patch["suspend"] = False
     for field, value in builders.mutable_job_fields(spec).items():
         if current.get(field) != value:

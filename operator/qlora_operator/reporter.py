@@ -71,7 +71,8 @@ def trim_job(job: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "metadata": _pick(job.get("metadata"), "name", "namespace", "uid", "creationTimestamp", "labels",
                           "annotations", "ownerReferences", "deletionTimestamp", "resourceVersion"),
-        "spec": _pick(spec, "suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit")
+        "spec": _pick(spec, "suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit",
+                      "completionMode", "completions")
         | {"template": {"spec": {"containers": [_pick(containers[0], "image")]}}},
         "status": dict(job.get("status") or {}),
     }

@@ -17,6 +17,7 @@ from typing import Any
 from qlora_trainer.contract import reason_for_exit_code
 
 from qlora_operator.api import ConditionType, Phase, Reason
+from qlora_operator.builders import ANNOTATION_REGROUP
 from qlora_operator.trainer_metrics import final_failure, read_termination_summary
 
 # Status fields decided here; everything else in status belongs to someone else and is never touched.
@@ -109,7 +110,7 @@ def _container_statuses(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(status.get("initContainerStatuses") or ()) + list(status.get("containerStatuses") or ())
 
 
-def _started_at(pod: Mapping[str, Any]) -> str | None:
+def started_at(pod: Mapping[str, Any]) -> str | None:
     """When the pod's first container started, or None if none did."""
     times = []
     for cs in _container_statuses(pod):
@@ -127,7 +128,7 @@ def _started_at(pod: Mapping[str, Any]) -> str | None:
 def started_pods(pods: Sequence[Mapping[str, Any]]) -> set[str]:
     """Uids (else names) of the pods whose container started: the attempts they stand for."""
     meta = (lambda p: p.get("metadata") or {})
-    return {meta(p).get("uid") or meta(p).get("name") for p in pods if _started_at(p)}
+    return {meta(p).get("uid") or meta(p).get("name") for p in pods if started_at(p)}
 
 
 def _pod_time(pod: Mapping[str, Any]) -> str:
@@ -332,6 +333,10 @@ def verdict_of_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *,
     failed = _job_condition(job, "Failed", "FailureTarget")
     if failed:
         return verdict_of_failed_job(job, pods, failed, backoff_limit)
+    regrouping = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_REGROUP)
+    if regrouping:
+        # The operator suspended the Job to restart its ranks together (regroup.py): not the user's suspend.
+        return Verdict(Phase.PENDING.value, "Regrouping", one_line(regrouping))
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     if (job.get("spec") or {}).get("suspend"):
         if queue_name and not spec_suspend:
@@ -469,7 +474,7 @@ def status_from(*, generation: int | None, job: Mapping[str, Any] | None, pods: 
         out["jobName"] = job_name or previous.get("jobName")
     if model:
         out["model"] = dict(model)
-    starts = [s for s in (_started_at(p) for p in pods) if s]
+    starts = [s for s in (started_at(p) for p in pods) if s]
     start = previous.get("startTime") or (min(starts) if starts else None)
     if start:
         out["startTime"] = start

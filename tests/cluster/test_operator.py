@@ -359,3 +359,31 @@ def test_a_pod_the_quota_refuses_says_why(cluster, kubectl, operator, inputs, st
     assert condition(st, "Succeeded")["status"] == "Unknown"
     kubectl("delete", "quota", "no-pods")  # it may clear: then the run starts
     wait_for(cluster, kubectl, "refused", "Succeeded", timeout=120)
+
+
+def test_a_rank_evicted_alone_restarts_the_whole_group(cluster, kubectl, operator, inputs, standin_image):
+    # Issue 20, item 8: a rank replaced alone would wait in the old rendezvous for peers that never come back.
+    apply(kubectl, finetune("group", standin_image, env={"STANDIN_SLEEP": 600}, resources={"gpus": 0, "nodes": 2},
+                            runtime={"backoffLimit": 2}))
+
+    def running_ranks():
+        pods = kubectl.json("get", "pods", "-l", f"{LABEL}=group")["items"]
+        live = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p["metadata"]["name"]
+                for p in pods if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")}
+        return live if len(live) == 2 else None
+
+    first = cluster.wait_until(running_ranks, timeout=90, what="both ranks running")
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": first["1"], "namespace": kubectl.namespace}}
+    kubectl("create", "--raw", f"/api/v1/namespaces/{kubectl.namespace}/pods/{first['1']}/eviction", "-f", "-",
+            input=json.dumps(eviction))
+
+    def regrouped():
+        (job,) = jobs(kubectl, "group")
+        now = running_ranks()
+        resumed = not job["spec"].get("suspend") and "qlora.io/regroup" not in job["metadata"].get("annotations", {})
+        return now if resumed and now and not set(now.values()) & set(first.values()) else None
+
+    cluster.wait_until(regrouped, timeout=180, what="both ranks restarted together")
+    st = wait_for(cluster, kubectl, "group", "Running")
+    assert condition(st, "Succeeded")["status"] == "Unknown"  # the eviction was no failure
