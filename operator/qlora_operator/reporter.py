@@ -392,13 +392,17 @@ class Reporter:
             return written
 
     async def _create_failure(self, job: Mapping[str, Any] | None, pods: list[dict[str, Any]]) -> str | None:
-        """The message of the Job's latest `FailedCreate` Event while it has no pod (a quota, a policy or a
-        webhook refuses the pod); read only then, so a running run costs no call."""
-        if job is None or pods or finished_job(job) or (job.get("spec") or {}).get("suspend"):
+        """The message of the Job's latest `FailedCreate` Event (a quota, a policy or a webhook refuses the
+        pod) while no pod of it waits or runs; read only then, so a running run costs no call. An Event older
+        than the newest pod is about a pod that was created after all."""
+        if job is None or finished_job(job) or (job.get("spec") or {}).get("suspend") or \
+                any((p.get("status") or {}).get("phase") not in ("Failed", "Succeeded") for p in pods):
             return None
         meta = job["metadata"]
         events = await self.kube.job_events(meta["namespace"], meta["name"], meta.get("uid"), "FailedCreate")
-        latest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", default=None)
+        newest_pod = max(((p.get("metadata") or {}).get("creationTimestamp") or "" for p in pods), default="")
+        when = (lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        latest = max((e for e in events if when(e) >= newest_pod), key=when, default=None)
         return (latest or {}).get("message") or None
 
     def _observe(self, body: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any],

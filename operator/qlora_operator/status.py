@@ -137,7 +137,8 @@ def _pod_time(pod: Mapping[str, Any]) -> str:
 
 def _pod_finished_at(pod: Mapping[str, Any]) -> str:
     """When the pod's last container ended ("" while none has)."""
-    ends = [((cs.get("state") or {}).get("terminated") or {}).get("finishedAt") or "" for cs in _container_statuses(pod)]
+    ends = [((cs.get("state") or {}).get("terminated") or {}).get("finishedAt") or ""
+            for cs in _container_statuses(pod)]
     return max(ends, default="")
 
 
@@ -247,7 +248,8 @@ def pod_create_problem(event_message: str) -> Verdict:
         reason, hint = "QuotaExceeded", "raise the namespace's ResourceQuota, or wait for other pods to end"
     else:
         reason, hint = "PodCreateRefused", "the namespace's policy refuses the trainer pod; ask its administrator"
-    return Verdict(Phase.PENDING.value, reason, one_line(f"the trainer pod cannot be created ({event_message}); {hint}"))
+    return Verdict(Phase.PENDING.value, reason,
+                   one_line(f"the trainer pod cannot be created ({event_message}); {hint}"))
 
 
 def _interrupted(pods: Sequence[Mapping[str, Any]]) -> Verdict | None:
@@ -354,7 +356,7 @@ def verdict_of_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *,
         problem = pod_waiting_problem(pod, image)
         if problem:
             return problem
-    if not live and create_failure:
+    if create_failure and all((p.get("status") or {}).get("phase") in ("Failed", "Succeeded") for p in live):
         return pod_create_problem(create_failure)
     interrupted = _interrupted(pods)
     if interrupted:

@@ -289,3 +289,25 @@ def test_a_job_without_pods_says_why_the_job_controller_cannot_create_them():
     assert waiting["phase"] == "Pending" and succeeded(waiting)["reason"] == "QuotaExceeded"
     assert "exceeded quota: gpus" in waiting["message"]
     assert running["phase"] == "Running" and not [c for c in kube.calls if c[0] == "events"]
+
+
+def test_a_retry_the_quota_refuses_says_so_and_an_older_refusal_is_forgotten():
+    kube = FakeKube()
+    refusal = {"reason": "FailedCreate", "involvedObject": {"uid": "job-1"}, "lastTimestamp": "2026-11-27T11:00:30Z",
+               "message": 'Error creating: pods "bot-y" is forbidden: exceeded quota: gpus'}
+    kube.events.append(refusal)
+    failed = pod(phase="Failed")
+    failed["status"]["containerStatuses"][0]["state"] = {
+        "terminated": {"exitCode": 1, "startedAt": "2026-11-27T11:01:05Z", "finishedAt": "2026-11-27T11:05:00Z"}}
+
+    async def scenario():
+        reporter = reporter_with(kube, finetune())
+        reporter.saw_job(job())
+        reporter.saw_pod(failed)  # created 11:01:00, after the refusal: that one was about an earlier pod
+        before = await reporter.refresh(("ml", "bot"))
+        kube.events.append(refusal | {"lastTimestamp": "2026-11-27T11:05:01Z"})  # its retry is refused
+        return before, await reporter.refresh(("ml", "bot"))
+
+    before, after = run(scenario())
+    assert succeeded(before)["reason"] == "Retrying"
+    assert succeeded(after)["reason"] == "QuotaExceeded" and after["phase"] == "Pending"
