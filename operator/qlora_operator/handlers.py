@@ -22,7 +22,7 @@ from qlora_operator.api import GROUP, PLURAL, VERSION, QLoRAFinetuneSpec, Reason
 from qlora_operator.checks import check_references, parse_spec
 from qlora_operator.kube import ApiError, Kube
 from qlora_operator.opmetrics import OperatorMetrics
-from qlora_operator.reporter import Key, Reporter, controller_uid, parse_time, trim_job
+from qlora_operator.reporter import Key, Reporter, controller_uid, finished_job, parse_time, trim_job
 from qlora_operator.settings import Settings
 from qlora_operator.status import VALID, Check
 
@@ -252,7 +252,7 @@ async def _sync_job(op: Operator, key: Key, job: dict[str, Any], spec: QLoRAFine
     for field, value in builders.mutable_job_fields(spec).items():
         if current.get(field) != value:
             patch[field] = value
-    if (job.get("status") or {}).get("completionTime") or _finished(job):
+    if (job.get("status") or {}).get("completionTime") or finished_job(job):
         patch.pop("suspend", None)
         patch.pop("activeDeadlineSeconds", None)
     if patch:
@@ -260,8 +260,3 @@ async def _sync_job(op: Operator, key: Key, job: dict[str, Any], spec: QLoRAFine
         updated = await op.kube.patch("Job", meta["namespace"], meta["name"], {"spec": patch})
         op.reporter.jobs[key] = trim_job(updated)
         log.info("Job %s/%s: %s", meta["namespace"], meta["name"], patch)
-
-
-def _finished(job: dict[str, Any]) -> bool:
-    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-               for c in (job.get("status") or {}).get("conditions") or ())

@@ -265,7 +265,11 @@ class Reporter:
     def spec_of(self, key: Key, body: Mapping[str, Any]):
         """(typed spec or None, check) of `body`, parsed once per generation of a run (a spec of 500
         inline records is not free)."""
-        return self._spec(key, body)
+        generation = (body["metadata"].get("uid"), body["metadata"].get("generation"))
+        cached = self._specs.get(key)
+        if cached is None or cached[0] != generation:
+            cached = self._specs[key] = (generation, *parse_spec(dict(body.get("spec") or {})))
+        return cached[1], cached[2]
 
     # ---------------------------------------------------------------------------------- refreshing
 
@@ -302,13 +306,6 @@ class Reporter:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spec(self, key: Key, body: Mapping[str, Any]):
-        generation = (body["metadata"].get("uid"), body["metadata"].get("generation"))
-        cached = self._specs.get(key)
-        if cached is None or cached[0] != generation:
-            cached = self._specs[key] = (generation, *parse_spec(dict(body.get("spec") or {})))
-        return cached[1], cached[2]
-
     def _lock(self, key: Key) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
@@ -326,7 +323,7 @@ class Reporter:
             namespace, name = key
             uid = body["metadata"]["uid"]
             raw_spec = body.get("spec") or {}
-            spec, parsed = self._spec(key, body)
+            spec, parsed = self.spec_of(key, body)
             if spec is None and check is None:
                 check = parsed
             current = self.written.get(key)
@@ -363,7 +360,8 @@ class Reporter:
             patch = status_patch(current, desired, self.owned)
             counted = self.counted.get(key, set()) | started_pods(pods)
             if not patch:
-                self.counted[key] = counted
+                if self.finetunes.get(key) is body:  # not replaced by another run meanwhile
+                    self.counted[key] = counted
                 return current
             try:
                 # Computed from this object: refused (409) if the name now stands for another, or it changed.
