@@ -5,6 +5,7 @@
 --   Succeeded                   -> Healthy      (message: where the adapter is)
 --   Failed                      -> Degraded     (message: the failure reason and what to do)
 --   Suspended                   -> Suspended
+--   Unknown                     -> Unknown      (the Job is gone and its outcome unknown: look at the volume)
 --   no status yet, or a status older than the spec -> Progressing (the operator has not caught up)
 local hs = {}
 
@@ -74,6 +75,9 @@ elseif phase == "Failed" then
 elseif phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = status.message or "Fine-tune suspended (spec.suspend is true, or its queue has not admitted it)"
+elseif phase == "Unknown" then
+  hs.status = "Unknown"
+  hs.message = status.message or "The Job is gone and the run's outcome is unknown"
 else
   -- Pending, Running, and any phase a newer operator may add.
   hs.status = "Progressing"

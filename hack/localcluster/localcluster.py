@@ -566,7 +566,9 @@ def start_apiserver(c: Cluster, b: Path, timeout: float) -> None:
         "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,"
         "DefaultTolerationSeconds,ResourceQuota,StorageObjectInUseProtection,PersistentVolumeClaimResize,"
         "Priority,RuntimeClass,NodeRestriction,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,"
-        "ValidatingAdmissionPolicy,TaintNodesByCondition",
+        "ValidatingAdmissionPolicy,TaintNodesByCondition,"
+        # as OpenShift has it: blockOwnerDeletion takes `update` on the owner's finalizers
+        "OwnerReferencesPermissionEnforcement",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={p}/sa.pub", f"--service-account-signing-key-file={p}/sa.key",
         f"--service-cluster-ip-range={SERVICE_CIDR}",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import kopf
 
-from qlora_operator import builders, handlers
+from qlora_operator import handlers
 from qlora_operator.kube import Kube
 from qlora_operator.metrics_feed import MetricsFeed
 from qlora_operator.opmetrics import OperatorMetrics
@@ -19,15 +19,10 @@ from qlora_operator.settings import Settings, load_settings
 log = logging.getLogger("qlora_operator")
 
 
-async def prime(kube: Kube, reporter: Reporter, settings: Settings) -> None:
+async def prime(reporter: Reporter, settings: Settings) -> None:
     """Fill the reporter's view of Jobs and pods before any handler runs, so that a restarted operator
     reports a running run as running from its first refresh (and posts no false transition)."""
-    selector = builders.LABEL_FINETUNE
-    for namespace in settings.watch_namespaces or (None,):
-        for job in await kube.list("Job", namespace, selector):
-            reporter.saw_job(job)
-        for pod in await kube.list("Pod", namespace, selector):
-            reporter.saw_pod(pod)
+    await reporter.relist(settings.watch_namespaces or (None,))
 
 
 async def run(settings: Settings, stop_flag: asyncio.Event | None = None,
@@ -38,7 +33,7 @@ async def run(settings: Settings, stop_flag: asyncio.Event | None = None,
     kube.observe = metrics.observe_api_call
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
-    await prime(kube, reporter, settings)
+    await prime(reporter, settings)
     log.info("watching %s; trainer image %s; default base model %s",
              ", ".join(settings.watch_namespaces) or "all namespaces", settings.trainer_image,
              settings.default_base_model)

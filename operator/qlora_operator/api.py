@@ -476,6 +476,9 @@ class Phase(str, enum.Enum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    # The Job is gone and what became of it cannot be known (deleted, or removed by its TTL while the
+    # operator was away): never reported as a failure, which it may not have been.
+    UNKNOWN = "Unknown"
 
 
 class ConditionType(str, enum.Enum):
@@ -536,7 +539,9 @@ class Checkpoint(ApiModel):
 class QLoRAFinetuneStatus(ApiModel):
     """What the operator observed; written by the operator only."""
 
-    phase: Phase | None = Field(None, description="Pending, Running, Succeeded, Failed or Suspended.")
+    phase: Phase | None = Field(
+        None, description="Pending, Running, Succeeded, Failed, Suspended, or Unknown (the Job is gone and its "
+        "outcome unknown).")
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,

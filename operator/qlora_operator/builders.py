@@ -48,6 +48,8 @@ LABEL_FINETUNE = "qlora.io/finetune"
 # Label values stop at 63 characters; this annotation carries the full resource name.
 ANNOTATION_FINETUNE = "qlora.io/finetune-name"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# On a Job whose ranks the operator restarts as a group (regroup.py): why.
+ANNOTATION_REGROUP = "qlora.io/regroup"
 MANAGED_BY = "qlora-operator"
 POD_COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 

@@ -1,7 +1,11 @@
-"""Checks the schema cannot make: the spec parses, and the Secret, ConfigMap key and PVCs it names exist.
+"""Checks the schema cannot make: the spec parses, and the ConfigMap key and PVCs it names exist.
 
 Each check returns a `status.Check` (ok, reason, message), which maps straight onto the `SpecValid` condition.
 A missing object is not terminal: the handler checks again with backoff, so creating it later starts the run.
+Secrets are not read here: the operator would need `get` on every Secret of every namespace it serves, and
+the kubelet already says when one is missing (CreateContainerConfigError, reported as `SecretNotFound`).
+Nothing of what a named object holds reaches a message beyond whether it exists (no key names of a ConfigMap
+the user may not be allowed to read).
 """
 
 from __future__ import annotations
@@ -31,28 +35,17 @@ async def check_references(spec: QLoRAFinetuneSpec, namespace: str, get: Getter)
 
     The objects are read all at once (one round trip of waiting, not one per object).
     """
-    token, source = spec.model.token_secret_ref, spec.dataset.config_map
+    source = spec.dataset.config_map
     claims = {spec.output.pvc.claim_name: "spec.output.pvc"}
     if spec.dataset.pvc is not None:
         claims.setdefault(spec.dataset.pvc.claim_name, "spec.dataset.pvc")
     if spec.model.pvc is not None:
         claims.setdefault(spec.model.pvc.claim_name, "spec.model.pvc")
     wanted = [("PersistentVolumeClaim", claim) for claim in claims]
-    if token is not None:
-        wanted.append(("Secret", token.name))
     if source is not None:
         wanted.append(("ConfigMap", source.name))
     found = dict(zip(wanted, await asyncio.gather(*(get(kind, namespace, name) for kind, name in wanted))))
 
-    if token is not None:
-        secret = found[("Secret", token.name)]
-        if secret is None:
-            return Check(False, Reason.SECRET_NOT_FOUND.value,
-                         f"Secret {token.name} (spec.model.tokenSecretRef) not found in namespace {namespace}; "
-                         f"create it with key {token.key}")
-        if token.key not in (secret.get("data") or {}) and token.key not in (secret.get("stringData") or {}):
-            return Check(False, Reason.SECRET_NOT_FOUND.value,
-                         f"Secret {token.name} has no key {token.key} (spec.model.tokenSecretRef.key)")
     if source is not None:
         config_map = found[("ConfigMap", source.name)]
         if config_map is None:
@@ -61,8 +54,7 @@ async def check_references(spec: QLoRAFinetuneSpec, namespace: str, get: Getter)
         keys = set(config_map.get("data") or {}) | set(config_map.get("binaryData") or {})
         if source.key not in keys:
             return Check(False, Reason.INVALID_SPEC.value,
-                         f"ConfigMap {source.name} has no key {source.key} (spec.dataset.configMap.key); "
-                         f"it has: {', '.join(sorted(keys)) or 'no keys'}")
+                         f"ConfigMap {source.name} has no key {source.key} (spec.dataset.configMap.key)")
     for claim, field in claims.items():
         if found[("PersistentVolumeClaim", claim)] is None:
             return Check(False, Reason.INVALID_SPEC.value,

@@ -9,6 +9,7 @@ on Jobs and pods labelled `qlora.io/finetune` feed the reporter's view and trigg
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,12 +17,12 @@ from typing import Any
 
 import kopf
 
-from qlora_operator import builders
+from qlora_operator import builders, regroup
 from qlora_operator.api import GROUP, PLURAL, VERSION, QLoRAFinetuneSpec, Reason
 from qlora_operator.checks import check_references, parse_spec
 from qlora_operator.kube import ApiError, Kube
 from qlora_operator.opmetrics import OperatorMetrics
-from qlora_operator.reporter import Key, Reporter, controller_uid, parse_time, trim_job
+from qlora_operator.reporter import Key, Reporter, controller_uid, finished_job, parse_time, trim_job
 from qlora_operator.settings import Settings
 from qlora_operator.status import VALID, Check
 
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 PREFIX = GROUP  # kopf's own annotations: qlora.io/<handler>, qlora.io/last-handled-configuration
 # Every so often every run's status is recomputed, in case a watch event was missed.
 RESYNC_SECONDS = 60.0
+# Every so many resyncs, the Jobs and pods are listed afresh: a watch that lost its place (410 Gone) re-lists
+# without a DELETED event for what was removed meanwhile.
+RELIST_EVERY = 5
+# The children the operator watches, as (group, version, plural); only those labelled qlora.io/finetune.
+CHILD_WATCHES = (("batch", "v1", "jobs"), ("", "v1", "pods"))
 
 
 @dataclass
@@ -71,6 +77,10 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # Resources and namespaces are the ones known at start: no list/watch of CRDs and namespaces needed.
     settings.scanning.disabled = True
     settings.posting.level = logging.WARNING
+    # The watches of Jobs and pods ask the API server for ours only: a `labels=` filter of a handler is applied
+    # on the client, after every Job and pod of the cluster came over the wire.
+    for group, version, plural in CHILD_WATCHES:
+        settings.watching.label_selectors[group, version, plural] = builders.LABEL_FINETUNE
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
@@ -81,7 +91,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configure(settings)
     op: Operator = memo.operator
-    memo.resync = asyncio.get_running_loop().create_task(_resync(op.reporter))
+    memo.resync = asyncio.get_running_loop().create_task(_resync(op))
 
 
 @kopf.on.cleanup()
@@ -92,9 +102,15 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await op.kube.close()
 
 
-async def _resync(reporter: Reporter) -> None:
-    while True:
+async def _resync(op: Operator) -> None:
+    reporter = op.reporter
+    for round_ in itertools.count(1):
         await asyncio.sleep(RESYNC_SECONDS)
+        if round_ % RELIST_EVERY == 0:
+            try:
+                await reporter.relist(op.settings.watch_namespaces or (None,))
+            except ApiError as err:  # the next round tries again; the watches go on meanwhile
+                log.warning("relisting Jobs and pods failed: %s", err)
         for key in list(reporter.finetunes):
             reporter.poke(key)
 
@@ -107,20 +123,39 @@ async def finetune_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_
     memo.operator.reporter.saw_finetune(body, deleted=type == "DELETED")
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_FINETUNE: kopf.PRESENT})
+@kopf.on.event(*CHILD_WATCHES[0], labels={builders.LABEL_FINETUNE: kopf.PRESENT})
 async def job_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _child_event(memo.operator.reporter, memo.operator.reporter.saw_job, type, body)
+    await _regroup(memo.operator, _child_event(memo.operator.reporter, memo.operator.reporter.saw_job, type, body))
 
 
-@kopf.on.event("", "v1", "pods", labels={builders.LABEL_FINETUNE: kopf.PRESENT})
+@kopf.on.event(*CHILD_WATCHES[1], labels={builders.LABEL_FINETUNE: kopf.PRESENT})
 async def pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _child_event(memo.operator.reporter, memo.operator.reporter.saw_pod, type, body)
+    await _regroup(memo.operator, _child_event(memo.operator.reporter, memo.operator.reporter.saw_pod, type, body))
 
 
-def _child_event(reporter: Reporter, saw, type: str | None, body: kopf.Body) -> None:
+def _child_event(reporter: Reporter, saw, type: str | None, body: kopf.Body) -> Key | None:
     key = saw(body, deleted=type == "DELETED")
     if key is not None and key in reporter.finetunes:
         reporter.poke(key)
+        return key
+    return None
+
+
+async def _regroup(op: Operator, key: Key | None) -> None:
+    """Restart a multi-node run's ranks together when one was replaced alone (regroup.py)."""
+    body = op.reporter.finetunes.get(key) if key else None
+    job = op.reporter.job_of(key, body["metadata"]["uid"]) if body else None
+    patch = regroup.next_step(job, op.reporter.current_pods(key)) if job else None
+    if patch is None:
+        return
+    meta = job["metadata"]
+    try:
+        updated = await op.kube.patch("Job", meta["namespace"], meta["name"], patch)
+    except ApiError as err:  # the next event of the Job or its pods tries again
+        log.warning("regrouping Job %s/%s: %s", meta["namespace"], meta["name"], err)
+        return
+    op.reporter.jobs[key] = trim_job(updated)
+    log.info("Job %s/%s: %s", meta["namespace"], meta["name"], patch)
 
 
 # --------------------------------------------------------------------------------- the reconcile
@@ -210,13 +245,14 @@ async def _sync_job(op: Operator, key: Key, job: dict[str, Any], spec: QLoRAFine
     patch: dict[str, Any] = {}
     if spec.suspend and not current.get("suspend"):
         patch["suspend"] = True
-    elif not spec.suspend and current.get("suspend") and not spec.runtime.queue_name:
-        # With a Kueue queue, unsuspending is Kueue's decision (it admits the Job).
+    elif not spec.suspend and current.get("suspend") and not spec.runtime.queue_name and \
+            regroup.ANNOTATION not in ((job.get("metadata") or {}).get("annotations") or {}):
+        # With a Kueue queue, unsuspending is Kueue's decision (it admits the Job); a regroup resumes by itself.
         patch["suspend"] = False
     for field, value in builders.mutable_job_fields(spec).items():
         if current.get(field) != value:
             patch[field] = value
-    if (job.get("status") or {}).get("completionTime") or _finished(job):
+    if (job.get("status") or {}).get("completionTime") or finished_job(job):
         patch.pop("suspend", None)
         patch.pop("activeDeadlineSeconds", None)
     if patch:
@@ -224,8 +260,3 @@ async def _sync_job(op: Operator, key: Key, job: dict[str, Any], spec: QLoRAFine
         updated = await op.kube.patch("Job", meta["namespace"], meta["name"], {"spec": patch})
         op.reporter.jobs[key] = trim_job(updated)
         log.info("Job %s/%s: %s", meta["namespace"], meta["name"], patch)
-
-
-def _finished(job: dict[str, Any]) -> bool:
-    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-               for c in (job.get("status") or {}).get("conditions") or ())

@@ -1,8 +1,9 @@
 """Kubernetes I/O of the operator: a thin async REST client (dicts in, dicts out) and the few calls it makes.
 
 Every API call the operator makes (beyond kopf's own watches) is a method here, so the Helm chart's RBAC can be
-read off this file: get secrets, configmaps, persistentvolumeclaims, jobs; list pods and jobs (at start);
-create configmaps, services, jobs, events; patch configmaps, jobs, and qlorafinetunes/status.
+read off this file: get configmaps, persistentvolumeclaims, jobs (never secrets); list pods and jobs (at start, and
+now and then to recover from a lost watch), list events (a Job's FailedCreate); create configmaps, services,
+jobs, events; patch configmaps, jobs, and qlorafinetunes/status.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ class ApiError(Exception):
 # Kinds the operator reads or writes: kind -> (API prefix, plural).
 _PATHS = {
     "ConfigMap": ("/api/v1", "configmaps"),
-    "Secret": ("/api/v1", "secrets"),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Service": ("/api/v1", "services"),
     "Pod": ("/api/v1", "pods"),
@@ -139,10 +139,15 @@ class Kube:
                 return None
             raise
 
-    async def list(self, kind: str, namespace: str | None, label_selector: str) -> list[dict[str, Any]]:
-        """Objects of a kind with a label, in one namespace or all (None); each with its kind filled in."""
+    async def list(self, kind: str, namespace: str | None, label_selector: str | None = None,
+                   field_selector: str | None = None) -> list[dict[str, Any]]:
+        """Objects of a kind matching the selectors, in one namespace or all (None)."""
         items: list[dict[str, Any]] = []
-        query = {"labelSelector": label_selector, "limit": "500"}
+        query = {"limit": "500"}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        if field_selector:
+            query["fieldSelector"] = field_selector
         while True:
             page = await self.request("GET", path(kind, namespace), query=query)
             items += page.get("items") or []
@@ -162,8 +167,21 @@ class Kube:
         return await self.request("PATCH", path(kind, namespace, name, sub), patch, content_type=MERGE_PATCH,
                                   query={"fieldManager": FIELD_MANAGER})
 
-    async def patch_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any]:
-        return await self.patch("QLoRAFinetune", namespace, name, {"status": status_patch}, sub="status")
+    async def patch_status(self, namespace: str, name: str, status_patch: dict[str, Any],
+                           resource_version: str | None = None) -> dict[str, Any]:
+        """Patch a QLoRAFinetune's status; with `resource_version`, only that version of the object (409
+        otherwise: it changed, or the name now stands for another object)."""
+        body: dict[str, Any] = {"status": status_patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self.patch("QLoRAFinetune", namespace, name, body, sub="status")
+
+    async def job_events(self, namespace: str, name: str, uid: str | None, reason: str) -> list[dict[str, Any]]:
+        """The Events with `reason` about one Job (the Job controller's, e.g. FailedCreate)."""
+        fields = {"involvedObject.kind": "Job", "involvedObject.name": name, "involvedObject.uid": uid,
+                  "reason": reason}
+        selector = ",".join(f"{k}={v}" for k, v in fields.items() if v)
+        return await self.list("Event", namespace, field_selector=selector)
 
     async def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event about `involved` (a resource body), as `kubectl describe` shows it."""

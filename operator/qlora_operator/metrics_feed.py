@@ -21,7 +21,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from qlora_operator.api import ConditionType, Phase
-from qlora_operator.checks import parse_spec
 from qlora_operator.reporter import Key, Reporter, output_uri
 from qlora_operator.settings import Settings
 from qlora_operator.trainer_metrics import (
@@ -78,9 +77,14 @@ def ended_summary(pods: list[Mapping[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def _checkpoint_base(spec_body: Mapping[str, Any]) -> str | None:
-    spec, _ = parse_spec(dict(spec_body or {}))
+def _checkpoint_base(reporter: Reporter, key: Key, body: Mapping[str, Any]) -> str | None:
+    """Where the run's checkpoints are, from the spec the reporter parsed once for this generation."""
+    spec, _ = reporter.spec_of(key, body)
     return output_uri(spec) if spec else None
+
+
+def _uid(body: Mapping[str, Any] | None) -> str | None:
+    return ((body or {}).get("metadata") or {}).get("uid")
 
 
 def metric_fields(status: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -135,17 +139,18 @@ def merge_metrics(desired: dict[str, Any], previous: Mapping[str, Any], track: M
 # ------------------------------------------------------------------------------------------ the feed
 
 class MetricsFeed:
-    """The read loop and the reporter's `enrich` hook; per-resource memory lives in `tracks`."""
+    """The read loop and the reporter's `enrich` hook; per-run memory lives in `tracks`, by the resource's
+    uid (a resource made again under the same name starts with nothing of its predecessor's)."""
 
     def __init__(self, settings: Settings, reader: MetricsReader | None = None):
         self.settings = settings
         self.reader = reader or MetricsReader(
             prometheus_url=settings.prometheus_url, timeout=min(5.0, max(1.0, settings.scrape_interval / 2)))
         self.reporter: Reporter | None = None
-        self.tracks: dict[Key, MetricsTrack] = {}
-        self.last_patch: dict[Key, datetime] = {}
+        self.tracks: dict[str, MetricsTrack] = {}
+        self.last_patch: dict[str, datetime] = {}
         # The pod whose readings status shows: a reading from another (a retry) is not rate limited.
-        self.shown_pod: dict[Key, str] = {}
+        self.shown_pod: dict[str, str] = {}
         self._task: asyncio.Task | None = None
 
     def attach(self, reporter: Reporter) -> None:
@@ -178,19 +183,19 @@ class MetricsFeed:
     async def tick(self) -> None:
         """Read every running trainer once; poke the resources whose status would change."""
         reporter = self.reporter
-        for gone in set(self.tracks) - set(reporter.finetunes):
+        for gone in set(self.tracks) - {_uid(body) for body in reporter.finetunes.values()}:
             for memory in (self.tracks, self.last_patch, self.shown_pod):
                 memory.pop(gone, None)
         reads = []
-        for key in list(reporter.finetunes):
-            pod = trainer_pod(list((reporter.pods.get(key) or {}).values()))
+        for key, body in list(reporter.finetunes.items()):
+            pod = trainer_pod(reporter.current_pods(key))
             if pod is not None:
-                reads.append(self._read(key, pod))
+                reads.append(self._read(key, _uid(body), pod))
         for key in await asyncio.gather(*reads):
             if key is not None:
                 reporter.poke(key)
 
-    async def _read(self, key: Key, pod: Mapping[str, Any]) -> Key | None:
+    async def _read(self, key: Key, uid: str | None, pod: Mapping[str, Any]) -> Key | None:
         namespace, name = key
         meta, status = pod.get("metadata") or {}, pod.get("status") or {}
         now = datetime.now(timezone.utc)
@@ -200,13 +205,13 @@ class MetricsFeed:
         except MetricsUnreadable as err:
             sample, error = None, str(err)
             log.debug("metrics of %s/%s: %s", namespace, name, error)
-        before = self.tracks.get(key) or MetricsTrack()
-        track = self.tracks[key] = observe(before, meta.get("name"), now, sample=sample, error=error)
         body = self.reporter.finetunes.get(key)
-        if body is None:
-            return None
+        if body is None or _uid(body) != uid:
+            return None  # deleted (or made again) while it was read
+        before = self.tracks.get(uid) or MetricsTrack()
+        track = self.tracks[uid] = observe(before, meta.get("name"), now, sample=sample, error=error)
         shown = metric_fields(self._previous(key))
-        values = changed(shown, {**shown, **metrics_status(track, now, _checkpoint_base(body.get("spec")))})
+        values = changed(shown, {**shown, **metrics_status(track, now, _checkpoint_base(self.reporter, key, body))})
         noted = (before.stale_since is None) != (track.stale_since is None) or \
             attempt_note(before) != attempt_note(track) or before.retry_pending != track.retry_pending or \
             running_reason(before.last_good) != running_reason(track.last_good)
@@ -221,15 +226,14 @@ class MetricsFeed:
     def enrich(self, body: Mapping[str, Any], desired: dict[str, Any], now: datetime) -> dict[str, Any]:
         """The reporter's hook: `desired` with the metrics merged in."""
         meta = body.get("metadata") or {}
-        key = (meta.get("namespace"), meta.get("name"))
-        pods = list((self.reporter.pods.get(key) or {}).values())
-        track = self.tracks.get(key)
+        key, uid = (meta.get("namespace"), meta.get("name")), meta.get("uid")
+        track = self.tracks.get(uid)
         out, moved = merge_metrics(
-            desired, self._previous(key), track, ended_summary(pods),
-            _checkpoint_base(body.get("spec")), now, self.last_patch.get(key), self.settings.status_min_interval,
-            shown_pod=self.shown_pod.get(key))
+            desired, self._previous(key), track, ended_summary(self.reporter.current_pods(key)),
+            _checkpoint_base(self.reporter, key, body), now, self.last_patch.get(uid),
+            self.settings.status_min_interval, shown_pod=self.shown_pod.get(uid))
         if moved:
-            self.last_patch[key] = now
+            self.last_patch[uid] = now
             if track is not None and track.values_pod:
-                self.shown_pod[key] = track.values_pod
+                self.shown_pod[uid] = track.values_pod
         return out

@@ -2,6 +2,8 @@
 
 The single writer of the status fields `status.OWNED_FIELDS`: every write goes through `Reporter.refresh`
 under a per-resource lock, so the last status written is known and each transition gives exactly one Event.
+A name may be reused (delete, then create again): everything remembered of a run belongs to its uid, and a
+status write carries the resourceVersion it was computed from, so that it never lands on a newer object.
 Bursts of Job and pod events are coalesced into one refresh. Issue 6's metrics join through `enrich`: a
 function `(body, status, now) -> status` applied after `status_from`, whose extra fields (`enrich_fields`)
 are patched the same way; fields nobody here owns are never touched.
@@ -22,6 +24,7 @@ from qlora_operator.kube import ApiError, Kube
 from qlora_operator.opmetrics import OperatorMetrics
 from qlora_operator.settings import Settings
 from qlora_operator.status import (
+    FINISHED_PHASES,
     OWNED_FIELDS,
     Check,
     started_pods,
@@ -38,6 +41,8 @@ Enrich = Callable[[Mapping[str, Any], dict[str, Any], datetime], dict[str, Any]]
 # A short pause before a refresh, so that the burst of events of one change is read as one.
 COALESCE_SECONDS = 0.05
 RETRY_SECONDS = (1, 2, 5, 10, 30)
+# After a write refused for an outdated resourceVersion: time for the watch to bring the newer object.
+CONFLICT_RETRY_SECONDS = 0.5
 
 
 def key_of(obj: Mapping[str, Any]) -> Key | None:
@@ -66,7 +71,8 @@ def trim_job(job: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "metadata": _pick(job.get("metadata"), "name", "namespace", "uid", "creationTimestamp", "labels",
                           "annotations", "ownerReferences", "deletionTimestamp", "resourceVersion"),
-        "spec": _pick(spec, "suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit")
+        "spec": _pick(spec, "suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit",
+                      "completionMode", "completions")
         | {"template": {"spec": {"containers": [_pick(containers[0], "image")]}}},
         "status": dict(job.get("status") or {}),
     }
@@ -85,10 +91,20 @@ def trim_finetune(body: Mapping[str, Any]) -> dict[str, Any]:
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
         "metadata": _pick(body.get("metadata"), "name", "namespace", "uid", "generation", "creationTimestamp",
-                          "deletionTimestamp"),
+                          "deletionTimestamp", "resourceVersion"),
         "spec": dict(body.get("spec") or {}),
         "status": dict(body.get("status") or {}),
     }
+
+
+def finished_job(job: Mapping[str, Any]) -> bool:
+    """Whether the Job's conditions give the run's outcome (complete, or failed)."""
+    return any(c.get("type") in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+               and c.get("status") == "True" for c in (job.get("status") or {}).get("conditions") or ())
+
+
+def _uid(obj: Mapping[str, Any] | None) -> str | None:
+    return ((obj or {}).get("metadata") or {}).get("uid")
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -110,6 +126,10 @@ class Reporter:
         self.finetunes: dict[Key, dict[str, Any]] = {}
         self.jobs: dict[Key, dict[str, Any]] = {}
         self.pods: dict[Key, dict[str, dict[str, Any]]] = {}
+        # The last body of a finished Job that was deleted (its TTL): the outcome it carried decides the run.
+        self.ended_jobs: dict[Key, dict[str, Any]] = {}
+        # Uids of the Jobs and pods the watches showed since a relist began (see `relist`).
+        self._seen: set[str] = set()
         # The status as last written by us: fresher than any watch event about it.
         self.written: dict[Key, dict[str, Any]] = {}
         self._locks: dict[Key, asyncio.Lock] = {}
@@ -123,19 +143,27 @@ class Reporter:
 
     def saw_finetune(self, body: Mapping[str, Any], deleted: bool = False) -> Key:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        known = _uid(self.finetunes.get(key))
         if deleted:
-            self.forget(key)
-        else:
-            self.finetunes[key] = trim_finetune(body)
+            if known in (None, _uid(body)):  # an older object's late DELETED leaves its successor alone
+                self.forget(key)
+            return key
+        if known is not None and known != _uid(body):
+            self._forget_run(key)  # the name now stands for another run: nothing of the old one carries over
+        self.finetunes[key] = trim_finetune(body)
         return key
 
     def saw_job(self, body: Mapping[str, Any], deleted: bool = False) -> Key | None:
         key = key_of(body)
         if key is None:
             return None
+        self._seen.add(_uid(body))
         if deleted:
-            if (self.jobs.get(key) or {}).get("metadata", {}).get("uid") == body["metadata"].get("uid"):
+            if _uid(self.jobs.get(key)) == _uid(body):
                 self.jobs.pop(key, None)
+            if finished_job(body):
+                # Its last change and its deletion may come as this one event: keep what it says.
+                self.ended_jobs[key] = trim_job(body)
         else:
             self.jobs[key] = trim_job(body)
         return key
@@ -144,9 +172,11 @@ class Reporter:
         key = key_of(body)
         if key is None:
             return None
+        self._seen.add(_uid(body))
         pods = self.pods.setdefault(key, {})
         if deleted:
-            pods.pop(body["metadata"]["name"], None)
+            if _uid(pods.get(body["metadata"]["name"])) in (None, _uid(body)):
+                pods.pop(body["metadata"]["name"], None)
             if not pods:
                 self.pods.pop(key, None)
         else:
@@ -154,10 +184,55 @@ class Reporter:
         return key
 
     def forget(self, key: Key) -> None:
-        for store in (self.finetunes, self.jobs, self.pods, self.written, self._locks, self._specs,
-                      self.counted):
+        self.finetunes.pop(key, None)
+        for store in (self.jobs, self.pods, self._locks):
             store.pop(key, None)
+        self._forget_run(key)
         self._dirty.discard(key)
+
+    def _forget_run(self, key: Key) -> None:
+        """Drop what was remembered of the run under `key` (its status, counts, spec, finished Job)."""
+        for store in (self.written, self._specs, self.counted, self.ended_jobs):
+            store.pop(key, None)
+
+    async def relist(self, namespaces: Iterable[str | None]) -> None:
+        """Make the view of Jobs and pods what the API server lists now, in `namespaces` (None: all).
+
+        At start this primes the view. Later it is how the view recovers from a watch that lost its place (a
+        410 Gone: the re-list sends no DELETED for what was removed meanwhile). What the watches showed while
+        the lists were read is newer than the lists and stays as the watches left it.
+        """
+        self._seen = set()
+        jobs: list[dict[str, Any]] = []
+        pods: list[dict[str, Any]] = []
+        for namespace in namespaces:
+            jobs += await self.kube.list("Job", namespace, builders.LABEL_FINETUNE)
+            pods += await self.kube.list("Pod", namespace, builders.LABEL_FINETUNE)
+        changed: set[Key] = set()
+        listed = {_uid(o) for o in jobs + pods}
+        for key, job in list(self.jobs.items()):
+            if _uid(job) not in listed and _uid(job) not in self._seen:
+                del self.jobs[key]
+                changed.add(key)
+        for key, by_name in list(self.pods.items()):
+            for name, pod in list(by_name.items()):
+                if _uid(pod) not in listed and _uid(pod) not in self._seen:
+                    del by_name[name]
+                    changed.add(key)
+            if not by_name:
+                del self.pods[key]
+        for job in jobs:
+            key = key_of(job)
+            if key is not None and _uid(job) not in self._seen and _uid(self.jobs.get(key)) != _uid(job):
+                changed.add(self.saw_job(job))
+        for pod in pods:
+            key = key_of(pod)
+            if key is not None and _uid(pod) not in self._seen and \
+                    _uid((self.pods.get(key) or {}).get(pod["metadata"]["name"])) != _uid(pod):
+                changed.add(self.saw_pod(pod))
+        for key in changed:
+            if key in self.finetunes:
+                self.poke(key)
 
     def phases(self) -> dict[Key, str]:
         """Each known resource's phase (for the operator's metrics)."""
@@ -170,6 +245,31 @@ class Reporter:
     def job_of(self, key: Key, uid: str) -> dict[str, Any] | None:
         job = self.jobs.get(key)
         return job if job is not None and controller_uid(job) == uid else None
+
+    def current_job(self, key: Key) -> dict[str, Any] | None:
+        """The Job of the resource now under `key`: the live one, else the last body of its finished Job."""
+        uid = _uid(self.finetunes.get(key))
+        if uid is None:
+            return None
+        ended = self.ended_jobs.get(key)
+        return self.job_of(key, uid) or (ended if ended is not None and controller_uid(ended) == uid else None)
+
+    def current_pods(self, key: Key) -> list[dict[str, Any]]:
+        """The pods of the current Job only: a deleted run's pods, still terminating under the same name,
+        belong to another Job."""
+        job_uid = _uid(self.current_job(key))
+        if job_uid is None:
+            return []
+        return [p for p in (self.pods.get(key) or {}).values() if controller_uid(p) == job_uid]
+
+    def spec_of(self, key: Key, body: Mapping[str, Any]):
+        """(typed spec or None, check) of `body`, parsed once per generation of a run (a spec of 500
+        inline records is not free)."""
+        generation = (body["metadata"].get("uid"), body["metadata"].get("generation"))
+        cached = self._specs.get(key)
+        if cached is None or cached[0] != generation:
+            cached = self._specs[key] = (generation, *parse_spec(dict(body.get("spec") or {})))
+        return cached[1], cached[2]
 
     # ---------------------------------------------------------------------------------- refreshing
 
@@ -206,14 +306,6 @@ class Reporter:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spec(self, key: Key, body: Mapping[str, Any]):
-        """The parsed spec, parsed once per generation (a spec of 500 inline records is not free)."""
-        generation = (body["metadata"].get("uid"), body["metadata"].get("generation"))
-        cached = self._specs.get(key)
-        if cached is None or cached[0] != generation:
-            cached = self._specs[key] = (generation, *parse_spec(dict(body.get("spec") or {})))
-        return cached[1], cached[2]
-
     def _lock(self, key: Key) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
@@ -231,22 +323,21 @@ class Reporter:
             namespace, name = key
             uid = body["metadata"]["uid"]
             raw_spec = body.get("spec") or {}
-            spec, parsed = self._spec(key, body)
+            spec, parsed = self.spec_of(key, body)
             if spec is None and check is None:
                 check = parsed
             current = self.written.get(key)
             if current is None:
                 current = body.get("status") or {}
-            job = self.job_of(key, uid)
-            if job is None and current.get("jobName"):
-                # The watch may not have shown it yet (just created, operator just started): ask.
+            job = self.current_job(key)
+            if job is None and current.get("jobName") and current.get("phase") not in FINISHED_PHASES:
+                # The watch may not have shown it yet (just created, operator just started): ask. A finished
+                # run's Job is gone for good (its TTL): asking every resync would cost a GET a minute a run.
                 fetched = await self.kube.get("Job", namespace, builders.job_name(name))
-                if fetched is not None and controller_uid(fetched) == uid:
+                if fetched is not None and controller_uid(fetched) == uid and _uid(self.finetunes.get(key)) == uid:
                     job = self.jobs[key] = trim_job(fetched)
-            pods = []
-            if job is not None:
-                job_uid = job["metadata"].get("uid")
-                pods = [p for p in (self.pods.get(key) or {}).values() if controller_uid(p) == job_uid]
+            pods = self.current_pods(key) if job is not None else []
+            create_failure = await self._create_failure(job, pods)
             now = datetime.now(timezone.utc)
             desired = status_from(
                 generation=body["metadata"].get("generation"),
@@ -262,20 +353,30 @@ class Reporter:
                 suspend=bool(raw_spec.get("suspend")),
                 output_path=output_uri(spec) if spec else None,
                 counted_pods=self.counted.get(key),
+                create_failure=create_failure,
             )
             if self.enrich is not None:
                 desired = self.enrich(body, desired, now)
             patch = status_patch(current, desired, self.owned)
             counted = self.counted.get(key, set()) | started_pods(pods)
             if not patch:
-                self.counted[key] = counted
+                if self.finetunes.get(key) is body:  # not replaced by another run meanwhile
+                    self.counted[key] = counted
                 return current
             try:
-                await self.kube.patch_status(namespace, name, patch)
+                # Computed from this object: refused (409) if the name now stands for another, or it changed.
+                answer = await self.kube.patch_status(namespace, name, patch,
+                                                      resource_version=body["metadata"].get("resourceVersion"))
             except ApiError as err:
                 if err.not_found:
                     return None
+                if err.conflict:
+                    # The watch brings the newer object; the refresh is made again from it.
+                    asyncio.get_running_loop().call_later(CONFLICT_RETRY_SECONDS, self.poke, key)
+                    return None
                 raise
+            if _uid(answer) == uid and self.finetunes.get(key) is body:
+                body["metadata"]["resourceVersion"] = (answer.get("metadata") or {}).get("resourceVersion")
             written = {k: v for k, v in {**current, **patch}.items() if v is not None}
             self.written[key] = written
             self.counted[key] = counted
@@ -287,6 +388,20 @@ class Reporter:
                 except ApiError as err:  # an Event is worth a log line, not a failed reconcile
                     log.warning("event for %s/%s not posted: %s", namespace, name, err)
             return written
+
+    async def _create_failure(self, job: Mapping[str, Any] | None, pods: list[dict[str, Any]]) -> str | None:
+        """The message of the Job's latest `FailedCreate` Event (a quota, a policy or a webhook refuses the
+        pod) while no pod of it waits or runs; read only then, so a running run costs no call. An Event older
+        than the newest pod is about a pod that was created after all."""
+        if job is None or finished_job(job) or (job.get("spec") or {}).get("suspend") or \
+                any((p.get("status") or {}).get("phase") not in ("Failed", "Succeeded") for p in pods):
+            return None
+        meta = job["metadata"]
+        events = await self.kube.job_events(meta["namespace"], meta["name"], meta.get("uid"), "FailedCreate")
+        newest_pod = max(((p.get("metadata") or {}).get("creationTimestamp") or "" for p in pods), default="")
+        when = (lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        latest = max((e for e in events if when(e) >= newest_pod), key=when, default=None)
+        return (latest or {}).get("message") or None
 
     def _observe(self, body: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any],
                  now: datetime) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from qlora_trainer.contract import reason_for_exit_code
 
 from qlora_operator.api import ConditionType, Phase, Reason
+from qlora_operator.builders import ANNOTATION_REGROUP
 from qlora_operator.trainer_metrics import final_failure, read_termination_summary
 
 # Status fields decided here; everything else in status belongs to someone else and is never touched.
@@ -25,11 +26,25 @@ OWNED_FIELDS = (
     "attempts", "outputPath", "message",
 )
 TERMINAL_PHASES = (Phase.SUCCEEDED.value, Phase.FAILED.value)
+# Nothing more will happen to a run in these phases: its status stands, and its Job is not looked for.
+FINISHED_PHASES = (*TERMINAL_PHASES, Phase.UNKNOWN.value)
 # Reasons worth a Warning event (the rest are Normal).
-WARNING_REASONS = {r.value for r in Reason} | {"JobDeleted", "TrainingFailed", "ContainerConfigError", "JobFailed"}
+WARNING_REASONS = {r.value for r in Reason} | {
+    "JobGone", "TrainingFailed", "ContainerConfigError", "JobFailed", "QuotaExceeded", "PodCreateRefused"}
+# The DisruptionTarget condition's reasons, as a person says them.
+DISRUPTIONS = {
+    "PreemptionByScheduler": "preempted by a higher-priority pod",
+    "EvictionByEvictionAPI": "evicted (node drain or eviction API)",
+    "DeletionByTaintManager": "evicted by a taint of its node",
+    "DeletionByPodGC": "deleted with its lost node",
+    "TerminationByKubelet": "stopped by the kubelet (node shutdown or resource pressure)",
+}
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                       "RegistryUnavailable", "SignatureValidationFailed"}
 MESSAGE_LIMIT = 1000
+# The kubelet's words for a Secret, or a key of one, that a container's environment names and that is missing.
+_MISSING_SECRET = re.compile(r'secret "[^"]*" not found|couldn\'t find key \S+ in Secret', re.IGNORECASE)
 # A hub token that found its way into a log line (FallbackToLogsOnError) never reaches status or an Event.
 _TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
 
@@ -95,7 +110,7 @@ def _container_statuses(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(status.get("initContainerStatuses") or ()) + list(status.get("containerStatuses") or ())
 
 
-def _started_at(pod: Mapping[str, Any]) -> str | None:
+def started_at(pod: Mapping[str, Any]) -> str | None:
     """When the pod's first container started, or None if none did."""
     times = []
     for cs in _container_statuses(pod):
@@ -113,20 +128,58 @@ def _started_at(pod: Mapping[str, Any]) -> str | None:
 def started_pods(pods: Sequence[Mapping[str, Any]]) -> set[str]:
     """Uids (else names) of the pods whose container started: the attempts they stand for."""
     meta = (lambda p: p.get("metadata") or {})
-    return {meta(p).get("uid") or meta(p).get("name") for p in pods if _started_at(p)}
+    return {meta(p).get("uid") or meta(p).get("name") for p in pods if started_at(p)}
 
 
 def _pod_time(pod: Mapping[str, Any]) -> str:
     return (pod.get("metadata") or {}).get("creationTimestamp") or ""
 
 
+def _pod_finished_at(pod: Mapping[str, Any]) -> str:
+    """When the pod's last container ended ("" while none has)."""
+    ends = [((cs.get("state") or {}).get("terminated") or {}).get("finishedAt") or ""
+            for cs in _container_statuses(pod)]
+    return max(ends, default="")
+
+
+def _rank0(pod: Mapping[str, Any]) -> bool:
+    index = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX)
+    return index in (None, "0")
+
+
 # ------------------------------------------------------------------------------- reading the pods
+
+def disruption(pod: Mapping[str, Any]) -> str | None:
+    """What stopped a pod that Kubernetes took away (preemption, eviction, a node drain), in words; None
+    when nothing did. Such a pod exits 143 after its SIGTERM checkpoint: no failure of the trainer, and one
+    the Job's pod-failure policy does not count."""
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            what = DISRUPTIONS.get(cond.get("reason"), "interrupted")
+            return one_line(f"{what}: {cond['message']}" if cond.get("message") else what)
+    if status.get("reason") == "Evicted":
+        return one_line(f"evicted: {status['message']}" if status.get("message") else "evicted")
+    return None
+
+
+def _checkpoint_step(pod: Mapping[str, Any]) -> int | None:
+    """The step of the last checkpoint the pod's trainer saved, from its termination summary."""
+    for cs in _container_statuses(pod):
+        summary = read_termination_summary(((cs.get("state") or {}).get("terminated") or {}).get("message"))
+        checkpoint = (summary or {}).get("lastCheckpoint")
+        step = checkpoint.get("step") if isinstance(checkpoint, Mapping) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step > 0:
+            return step
+    return None
+
 
 def pod_failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     """(reason, message) of a failed pod: the trainer's own words from its termination summary, its exit
-    code mapped by the contract, OOMKilled, or what the kubelet said (eviction). None if it did not fail."""
+    code mapped by the contract, OOMKilled, or what the kubelet said. None if it did not fail, or if it
+    was disrupted (`disruption`), which is no failure of the run."""
     status = pod.get("status") or {}
-    if status.get("phase") != "Failed":
+    if status.get("phase") != "Failed" or disruption(pod):
         return None
     for cs in _container_statuses(pod):
         term = (cs.get("state") or {}).get("terminated")
@@ -142,7 +195,8 @@ def pod_failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
         if said:
             return said[0], one_line(said[1])
         known = reason_for_exit_code(code) if isinstance(code, int) else None
-        tail = _last_line(term.get("message"))
+        # A summary that names no failure is no message for a person: its JSON stays out.
+        tail = "" if summary else _last_line(term.get("message"))
         if known is not None:
             return known.value, one_line(tail or f"the trainer exited with code {code} ({known.value})")
         return "Error", one_line(f"the trainer exited with code {code}" + (f": {tail}" if tail else ""))
@@ -176,9 +230,44 @@ def pod_waiting_problem(pod: Mapping[str, Any], image: str | None) -> Verdict | 
             return Verdict(Phase.PENDING.value, Reason.IMAGE_PULL_ERROR.value, one_line(
                 f"cannot pull image {what} ({reason}){detail}; check runtime.image and runtime.imagePullSecrets"))
         if reason == "CreateContainerConfigError":
+            said = waiting.get("message") or reason
+            if _MISSING_SECRET.search(said):
+                # The kubelet reads the Secret as the pod's identity: the operator needs no access to Secrets.
+                return Verdict(Phase.PENDING.value, Reason.SECRET_NOT_FOUND.value, one_line(
+                    f"the trainer cannot start: {said}; create it (spec.model.tokenSecretRef, runtime.env), "
+                    "and the run starts"))
             return Verdict(Phase.PENDING.value, "ContainerConfigError", one_line(
-                f"the trainer container cannot start: {waiting.get('message') or reason}"))
+                f"the trainer container cannot start: {said}"))
     return None
+
+
+def pod_create_problem(event_message: str) -> Verdict:
+    """Why the Job controller cannot create the trainer pod, from its `FailedCreate` Event: a quota, a Pod
+    Security level, a webhook. The run waits (`Pending`): a quota raised or a policy changed lets it start."""
+    if "exceeded quota" in event_message:
+        reason, hint = "QuotaExceeded", "raise the namespace's ResourceQuota, or wait for other pods to end"
+    else:
+        reason, hint = "PodCreateRefused", "the namespace's policy refuses the trainer pod; ask its administrator"
+    return Verdict(Phase.PENDING.value, reason,
+                   one_line(f"the trainer pod cannot be created ({event_message}); {hint}"))
+
+
+def _interrupted(pods: Sequence[Mapping[str, Any]]) -> Verdict | None:
+    """The run waits because Kubernetes took its newest trainer pod away (preemption, eviction, drain)."""
+    gone = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"
+            or (p.get("metadata") or {}).get("deletionTimestamp")]
+    if not gone:
+        return None
+    newest = max(gone, key=lambda p: (_pod_time(p), _pod_finished_at(p)))
+    what = disruption(newest)
+    if what is None:
+        return None
+    if (newest.get("status") or {}).get("phase") != "Failed":
+        then = "the trainer is saving a checkpoint, then the run resumes from it"
+    else:
+        step = _checkpoint_step(newest)
+        then = f"resuming from the checkpoint of step {step}" if step else "resuming from the last checkpoint"
+    return Verdict(Phase.PENDING.value, "Interrupted", one_line(f"{what}; {then}"))
 
 
 def _running(pod: Mapping[str, Any]) -> bool:
@@ -190,11 +279,30 @@ def _running(pod: Mapping[str, Any]) -> bool:
 
 # ---------------------------------------------------------------------------------------- decisions
 
+_POLICY_POD = re.compile(r"\bfor pod ([^/\s]+)/([^\s]+)")
+
+
+def deciding_failure(failed: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """The failure that explains a failed Job, whatever order the pods' events came in: the pod the Job's
+    pod-failure policy names in its condition, else rank 0's (the others often fail because it did), else
+    the one that ended last."""
+    failing = [(p, f) for p, f in ((p, pod_failure(p)) for p in pods) if f]
+    if not failing:
+        return None
+    named = _POLICY_POD.search(failed.get("message") or "") if failed.get("reason") == "PodFailurePolicy" else None
+    if named:
+        for pod, failure in failing:
+            if (pod.get("metadata") or {}).get("name") == named.group(2):
+                return failure
+    _, failure = max(failing, key=lambda pf: (_rank0(pf[0]), _pod_finished_at(pf[0]), _pod_time(pf[0])))
+    return failure
+
+
 def verdict_of_failed_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
                           failed: Mapping[str, Any], backoff_limit: int) -> Verdict:
     job_reason = failed.get("reason") or "JobFailed"
-    failures = [f for f in (pod_failure(p) for p in sorted(pods, key=_pod_time)) if f]
-    last = failures[-1] if failures else None
+    failures = [f for f in (pod_failure(p) for p in pods) if f]
+    last = deciding_failure(failed, pods)
     if job_reason == "DeadlineExceeded":
         deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
         return Verdict(Phase.FAILED.value, Reason.DEADLINE_EXCEEDED.value, one_line(
@@ -216,8 +324,10 @@ def verdict_of_failed_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, An
 
 
 def verdict_of_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *, backoff_limit: int,
-                   queue_name: str | None, spec_suspend: bool, output_path: str | None) -> Verdict:
-    """Where a run with a Job stands, from the Job's conditions and its pods."""
+                   queue_name: str | None, spec_suspend: bool, output_path: str | None,
+                   create_failure: str | None = None) -> Verdict:
+    """Where a run with a Job stands, from the Job's conditions, its pods, and the message of the Job's
+    latest `FailedCreate` Event (`create_failure`), if any."""
     name = (job.get("metadata") or {}).get("name")
     if _job_condition(job, "Complete", "SuccessCriteriaMet"):
         where = f"; the adapter is in {output_path}" if output_path else ""
@@ -225,6 +335,10 @@ def verdict_of_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *,
     failed = _job_condition(job, "Failed", "FailureTarget")
     if failed:
         return verdict_of_failed_job(job, pods, failed, backoff_limit)
+    regrouping = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_REGROUP)
+    if regrouping:
+        # The operator suspended the Job to restart its ranks together (regroup.py): not the user's suspend.
+        return Verdict(Phase.PENDING.value, "Regrouping", one_line(regrouping))
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     if (job.get("spec") or {}).get("suspend"):
         if queue_name and not spec_suspend:
@@ -242,6 +356,11 @@ def verdict_of_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *,
         problem = pod_waiting_problem(pod, image)
         if problem:
             return problem
+    if create_failure and all((p.get("status") or {}).get("phase") in ("Failed", "Succeeded") for p in live):
+        return pod_create_problem(create_failure)
+    interrupted = _interrupted(pods)
+    if interrupted:
+        return interrupted
     failures = [f for f in (pod_failure(p) for p in sorted(pods, key=_pod_time)) if f]
     if failures:
         reason, message = failures[-1]
@@ -272,15 +391,16 @@ def status_from(*, generation: int | None, job: Mapping[str, Any] | None, pods: 
                 now: datetime, previous: Mapping[str, Any] | None, check: Check | None = None,
                 model: Mapping[str, str] | None = None, job_name: str | None = None,
                 backoff_limit: int = 3, queue_name: str | None = None, suspend: bool = False,
-                output_path: str | None = None, counted_pods: Collection[str] | None = None) -> dict[str, Any]:
+                output_path: str | None = None, counted_pods: Collection[str] | None = None,
+                create_failure: str | None = None) -> dict[str, Any]:
     """The owned status fields of a run.
 
     `check`: the outcome of the spec checks just made; None keeps what the previous status says (a refresh
     from a Job or pod event). `job`: None when no Job exists (not yet, or deleted after it finished).
     `output_path`: where the adapter lands (shown once Succeeded). `counted_pods`: uids of the pods already
     in `previous["attempts"]` (pods come and go: a suspended Job deletes its pod); None when not known (the
-    operator just started), then the started pods seen now are taken as counted. Other arguments come from
-    the spec.
+    operator just started), then the started pods seen now are taken as counted. `create_failure`: the
+    message of the Job's latest `FailedCreate` Event. Other arguments come from the spec.
     """
     previous = previous or {}
     before = _conditions_by_type(previous)
@@ -296,17 +416,19 @@ def status_from(*, generation: int | None, job: Mapping[str, Any] | None, pods: 
         elif created:
             check = VALID
 
-    if job is None and created and previous.get("phase") in TERMINAL_PHASES:
+    if job is None and created and previous.get("phase") in FINISHED_PHASES:
         # The Job is gone after the run ended (ttlSecondsAfterFinished): the result stands as it was.
         return {k: previous[k] for k in OWNED_FIELDS if k in previous} | {"observedGeneration": generation}
 
     if job is not None:
         verdict = verdict_of_job(job, pods, backoff_limit=backoff_limit, queue_name=queue_name,
-                                 spec_suspend=suspend, output_path=output_path)
+                                 spec_suspend=suspend, output_path=output_path, create_failure=create_failure)
     elif created:
-        verdict = Verdict(Phase.FAILED.value, "JobDeleted", one_line(
-            f"the Job {previous.get('jobName')} was deleted before the run finished; apply the resource under "
-            "a new name to run again"))
+        # Deleted by hand, or by its TTL while the operator was away: it may well have succeeded first.
+        where = f" look for the adapter in {output_path};" if output_path else ""
+        verdict = Verdict(Phase.UNKNOWN.value, "JobGone", one_line(
+            f"the Job {previous.get('jobName') or job_name} is gone; its outcome is unknown;{where} apply the "
+            "resource under a new name to run again"))
     elif check is not None and not check.ok:
         verdict = Verdict(Phase.FAILED.value if check.terminal else Phase.PENDING.value, check.reason,
                           one_line(check.message))
@@ -354,7 +476,7 @@ def status_from(*, generation: int | None, job: Mapping[str, Any] | None, pods: 
         out["jobName"] = job_name or previous.get("jobName")
     if model:
         out["model"] = dict(model)
-    starts = [s for s in (_started_at(p) for p in pods) if s]
+    starts = [s for s in (started_at(p) for p in pods) if s]
     start = previous.get("startTime") or (min(starts) if starts else None)
     if start:
         out["startTime"] = start

@@ -165,7 +165,11 @@ def start_operator(cluster, namespaces, **settings) -> OperatorProcess:
 @pytest.fixture(scope="session")
 def crd(cluster):
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD))
+    # Polled rather than `kubectl wait`, which fails at once while the new CRD has no conditions yet.
+    name = "qlorafinetunes.qlora.io"
+    cluster.wait_until(lambda: any(c.get("type") == "Established" and c.get("status") == "True" for c in (
+        cluster.kubectl_json("get", "crd", name).get("status") or {}).get("conditions") or ()),
+        timeout=60, what=f"CRD {name} to be Established")
     return CRD
 
 

@@ -159,6 +159,12 @@ def test_status_older_than_the_spec_is_progressing_even_when_succeeded():
     assert "generation 2" in health["message"]
 
 
+def test_a_run_whose_outcome_is_unknown_is_unknown():
+    status = {"phase": "Unknown", "observedGeneration": 1,
+              "message": "the Job support-bot is gone; its outcome is unknown"}
+    assert argocd_health(finetune(status)) == {"status": "Unknown", "message": status["message"]}
+
+
 def test_unknown_phase_from_a_newer_operator_is_progressing():
     assert argocd_health(finetune({"phase": "Queued", "observedGeneration": 1}))["status"] == "Progressing"
 

@@ -292,11 +292,10 @@ def test_namespaced_when_watch_namespaces_is_set(default_docs, custom_docs):
         assert rules_of(roles[ns]) == rules_of(one(default_docs, "ClusterRole"))
 
 
-def test_secrets_are_only_read_one_by_one(default_docs):
-    # The operator checks that the token Secret exists; listing or watching would expose every Secret.
-    secret_verbs = {verb for group, resource, verb in rules_of(one(default_docs, "ClusterRole"))
-                    if resource == "secrets"}
-    assert secret_verbs == {"get"}
+def test_the_operator_may_not_read_secrets(default_docs):
+    # Reading them would let whoever may create a QLoRAFinetune probe every Secret the operator can see; a
+    # missing Secret is reported from the kubelet's CreateContainerConfigError instead.
+    assert not [rule for rule in rules_of(one(default_docs, "ClusterRole")) if rule[1] == "secrets"]
 
 
 def test_rbac_create_false_renders_no_rbac(helm, tmp_path):
@@ -645,3 +644,35 @@ def test_schema_refuses_bad_values(helm, bad, says, tmp_path):
                     check=False)
     assert proc.returncode != 0
     assert "values don't meet the specifications of the schema" in proc.stderr and says in proc.stderr
+
+
+def test_the_example_user_roles_grant_runs_and_nothing_of_the_operators():
+    # README, "Who may do what": an editor role into `edit` (the pod-creating role), a viewer into `view`.
+    roles = {d["metadata"]["name"]: d for d in yaml.safe_load_all(
+        (Path(__file__).resolve().parents[2] / "examples" / "rbac" / "qlorafinetune-roles.yaml").read_text())}
+    editor, viewer = roles["qlorafinetune-editor"], roles["qlorafinetune-viewer"]
+    assert editor["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-view" not in editor["metadata"]["labels"]
+    assert viewer["metadata"]["labels"] == {"rbac.authorization.k8s.io/aggregate-to-view": "true"}
+    writes = {"create", "patch", "update", "delete"}
+    granted = {(g, r, v) for rule in editor["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    assert ("qlora.io", "qlorafinetunes", "create") in granted
+    # Only runs are written; Secrets, ConfigMaps and the status are never granted.
+    assert {(g, r) for g, r, v in granted if v in writes} == {("qlora.io", "qlorafinetunes")}
+    assert not {r for _, r, _ in granted} & {"secrets", "configmaps", "qlorafinetunes/status"}
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in viewer["rules"])
+
+
+def test_the_admission_policy_is_optional_and_bound_to_the_watched_namespaces(helm, default_docs, tmp_path):
+    assert not by_kind(default_docs, "ValidatingAdmissionPolicy")
+    docs = render(helm, {"admissionPolicy": {"enabled": True, "allowedImagePrefixes": ["ghcr.io/acme/"]},
+                         "watchNamespaces": ["team-a"]}, tmp=tmp_path)
+    policy, binding = one(docs, "ValidatingAdmissionPolicy"), one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"] and policy["spec"]["failurePolicy"] == "Fail"
+    expressions = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    for checked in ("resource('pods')", "check('create')", "resource('serviceaccounts')", "check('impersonate')",
+                    "resource('secrets')", "check('get')", '["ghcr.io/acme/"]'):
+        assert checked in expressions
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a"]

@@ -11,6 +11,7 @@ import pytest
 
 from qlora_operator import metrics_feed as mf
 from qlora_operator import trainer_metrics as tm
+from qlora_operator.reporter import Reporter
 from qlora_operator.settings import Settings
 from qlora_trainer.contract import Phase
 
@@ -231,19 +232,32 @@ class FakeReader:
         pass
 
 
-class FakeReporter:
-    """The parts of qlora_operator.reporter.Reporter the feed uses."""
+class FakeReporter(Reporter):
+    """The real reporter's view of the cluster; its pokes recorded instead of refreshing (no API server)."""
 
     def __init__(self):
+        super().__init__(kube=None, settings=Settings())
         self.owned = ("phase", "message")
-        self.enrich = None
-        self.finetunes = {}
-        self.pods = {}
-        self.written = {}
         self.poked = []
 
     def poke(self, key):
         self.poked.append(key)
+
+
+def owned_by(obj, uid):
+    obj["metadata"]["ownerReferences"] = [{"controller": True, "uid": uid}]
+    obj["metadata"]["labels"] = {"qlora.io/finetune": obj["metadata"].pop("run", None) or "x"}
+    return obj
+
+
+def show_run(reporter, name, uid, pods=()):
+    """The reporter sees resource `name` (uid `uid`), its Job and `pods` (pod bodies) of that Job."""
+    reporter.saw_finetune({"metadata": {"namespace": "ml", "name": name, "uid": uid}, "spec": SPEC, "status": {}})
+    reporter.saw_job(owned_by({"metadata": {"namespace": "ml", "name": name, "uid": f"job-{uid}",
+                                            "labels": {}, "run": name}}, uid))
+    for p in pods:
+        p["metadata"]["run"] = name
+        reporter.saw_pod(owned_by(p, f"job-{uid}"))
 
 
 @pytest.fixture
@@ -255,12 +269,9 @@ def feed():
     })
     f = mf.MetricsFeed(Settings(scrape_interval=1, status_min_interval=0.5), reader=reader)
     f.attach(reporter)
-    for name in ("bot", "down", "idle"):
-        reporter.finetunes[("ml", name)] = {"metadata": {"namespace": "ml", "name": name}, "spec": SPEC,
-                                            "status": {}}
-    reporter.pods[("ml", "bot")] = {"bot-x": pod("bot-x", ip="127.5.0.2")}
-    reporter.pods[("ml", "down")] = {"down-x": pod("down-x", ip="127.5.0.3")}
-    reporter.pods[("ml", "idle")] = {"idle-x": pod("idle-x", phase="Pending")}
+    show_run(reporter, "bot", "uid-bot", [pod("bot-x", ip="127.5.0.2")])
+    show_run(reporter, "down", "uid-down", [pod("down-x", ip="127.5.0.3")])
+    show_run(reporter, "idle", "uid-idle", [pod("idle-x", phase="Pending")])
     return f
 
 
@@ -288,10 +299,42 @@ def test_tick_reads_running_trainers_and_pokes_what_changed(feed):
 
 def test_tick_forgets_deleted_resources(feed):
     asyncio.run(feed.tick())
-    del feed.reporter.finetunes[("ml", "bot")]
-    feed.reporter.pods.pop(("ml", "bot"))
+    assert "uid-bot" in feed.tracks
+    feed.reporter.forget(("ml", "bot"))
     asyncio.run(feed.tick())
-    assert ("ml", "bot") not in feed.tracks
+    assert "uid-bot" not in feed.tracks
+
+
+def test_a_run_made_again_under_the_same_name_shows_nothing_of_the_previous_one(feed):
+    # The old run ended at step 812; its pod, still terminating, keeps sending events after the new run
+    # (same name, new uid, a Job of its own) was created.
+    old_pod = pod("bot-old", phase="Failed", created="2026-11-27T21:30:00Z", terminated={
+        "exitCode": 143, "message": json.dumps({"status": "Terminated", "step": 812, "totalSteps": 1000,
+                                                "lastCheckpoint": {"step": 800}})})
+    feed.reporter.saw_pod(owned_by(old_pod, "job-uid-bot"))
+    asyncio.run(feed.tick())
+    old_running = pod("bot-x", ip="127.5.0.2")
+    show_run(feed.reporter, "bot", "uid-bot-2")  # deleted and created again: a new Job, no pod yet
+    feed.reporter.saw_pod(owned_by(old_running, "job-uid-bot"))
+    body = feed.reporter.finetunes[("ml", "bot")]
+    pending = {"phase": "Pending", "message": "waiting for the trainer pod", "conditions": []}
+    out = feed.enrich(body, pending, NOW)
+    assert not set(tm.METRIC_FIELDS) & set(out), out
+    feed.reader.calls.clear()
+    asyncio.run(feed.tick())
+    assert ("ml", "bot-x", "127.5.0.2") not in feed.reader.calls  # the old run's trainer is not read
+    assert "uid-bot" not in feed.tracks and "uid-bot-2" not in feed.tracks
+
+
+def test_the_checkpoint_path_comes_from_the_spec_parsed_once_per_generation(feed, monkeypatch):
+    calls = []
+    real = __import__("qlora_operator.reporter", fromlist=["parse_spec"]).parse_spec
+    monkeypatch.setattr("qlora_operator.reporter.parse_spec", lambda raw: calls.append(1) or real(raw))
+    body = feed.reporter.finetunes[("ml", "bot")]
+    for _ in range(3):
+        asyncio.run(feed.tick())
+        feed.enrich(body, running_desired(), NOW)
+    assert len(calls) == 2  # once for each run read (bot and down), not once a tick and a refresh
 
 
 def test_the_loop_survives_a_failing_tick(feed):

@@ -94,8 +94,14 @@ CASES = [
     ("err-image-pull", dict(job_=job(), pods=[pod(waiting={"reason": "ErrImagePull"})]),
      "Pending", ("Unknown", "ImagePullError"), "runtime.image"),
     ("config-error", dict(job_=job(), pods=[pod(waiting={"reason": "CreateContainerConfigError",
-                                                         "message": 'secret "hf" not found'})]),
-     "Pending", ("Unknown", "ContainerConfigError"), 'secret "hf" not found'),
+                                                         "message": 'configmap "cfg" not found'})]),
+     "Pending", ("Unknown", "ContainerConfigError"), 'configmap "cfg" not found'),
+    ("secret-missing-at-the-kubelet", dict(job_=job(), pods=[pod(waiting={
+        "reason": "CreateContainerConfigError", "message": 'secret "hf" not found'})]),
+     "Pending", ("Unknown", "SecretNotFound"), 'secret "hf" not found'),
+    ("secret-key-missing-at-the-kubelet", dict(job_=job(), pods=[pod(waiting={
+        "reason": "CreateContainerConfigError", "message": "couldn't find key HF_TOKEN in Secret ml/hf"})]),
+     "Pending", ("Unknown", "SecretNotFound"), "couldn't find key HF_TOKEN in Secret ml/hf"),
     ("running", dict(job_=job(active=1), pods=[pod(phase="Running", running=T0)]),
      "Running", ("Unknown", "Running"), "running"),
     ("trainer-done-job-completing", dict(job_=job(), pods=[pod(phase="Succeeded",
@@ -230,11 +236,141 @@ def test_finished_run_whose_job_was_removed_by_ttl_keeps_its_result():
     assert decide(job_=None, previous=done, now=LATER, generation=2) == done
 
 
-def test_job_deleted_while_running_fails_the_run():
+def test_a_job_gone_while_running_leaves_the_outcome_unknown_never_failed():
+    # The operator was away while the run finished and the Job's TTL removed it: it may have succeeded.
     running = decide(job_=job(), pods=[pod(phase="Running", running=T0)])
     gone = decide(job_=None, previous=running, now=LATER)
-    assert gone["phase"] == "Failed" and cond(gone, "Succeeded")["reason"] == "JobDeleted"
-    assert "new name" in gone["message"]
+    assert gone["phase"] == "Unknown"
+    succeeded = cond(gone, "Succeeded")
+    assert (succeeded["status"], succeeded["reason"]) == ("Unknown", "JobGone")
+    assert "the Job run is gone; its outcome is unknown" in gone["message"]
+    assert "pvc://adapters/run" in gone["message"] and "new name" in gone["message"]
+    assert cond(gone, "Running")["status"] == "False" and "completionTime" not in gone
+    # It stays so: nothing more is looked for.
+    assert decide(job_=None, previous=gone, now=LATER + timedelta(minutes=1)) == gone
+
+
+def test_a_deleted_job_that_had_finished_decides_the_run():
+    # The Job's last event (Complete) and its deletion came as one DELETED event: its body still says.
+    running = decide(job_=job(), pods=[pod(phase="Running", running=T0)])
+    tombstone = job(("Complete", "", ""), completionTime="2026-11-27T11:59:59Z")
+    tombstone["metadata"]["deletionTimestamp"] = "2026-11-27T12:00:00Z"
+    done = decide(job_=tombstone, previous=running, now=LATER)
+    assert done["phase"] == "Succeeded" and done["outputPath"] == "pvc://adapters/run"
+
+
+DRAINED = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+           "message": "Eviction API: evicting", "lastTransitionTime": "2026-11-27T11:59:40Z"}
+PREEMPTED = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+             "message": "Preempted in order to admit critical pod"}
+
+
+def terminated_by_sigterm(name, created, disruption_condition=None, checkpoint=40, **kw):
+    summary_text = json.dumps({"status": "Terminated", "reason": None, "exitCode": 143, "step": 41,
+                               "lastCheckpoint": {"step": checkpoint}})
+    p = failed_pod(143, summary_text, name=name, created=created, **kw)
+    if disruption_condition:
+        p["status"]["conditions"] = [disruption_condition]
+    return p
+
+
+@pytest.mark.parametrize("condition_, words", [(DRAINED, "evicted (node drain or eviction API)"),
+                                               (PREEMPTED, "preempted by a higher-priority pod")])
+def test_an_evicted_or_preempted_trainer_is_interrupted_not_failed(condition_, words):
+    evicted = terminated_by_sigterm("run-0", "2026-11-27T11:50:00Z", condition_)
+    status = decide(job_=job(active=1), pods=[evicted, pod(name="run-1", created="2026-11-27T11:59:55Z")])
+    assert status["phase"] == "Pending"
+    assert cond(status, "Succeeded")["reason"] == "Interrupted"
+    assert status["message"].startswith(words) and status["message"].endswith(
+        "resuming from the checkpoint of step 40")
+    assert "{" not in status["message"] and "143" not in status["message"]
+    assert transition(None, status).type == "Normal"
+
+
+def test_kubelet_eviction_without_the_condition_is_an_interruption_too():
+    evicted = pod(name="run-0", phase="Failed", reason="Evicted", message="The node was low on resource: memory.")
+    status = decide(job_=job(), pods=[evicted])
+    assert cond(status, "Succeeded")["reason"] == "Interrupted"
+    assert status["message"] == ("evicted: The node was low on resource: memory.; resuming from the last "
+                                 "checkpoint")
+
+
+def test_a_trainer_being_evicted_is_saving_its_checkpoint():
+    leaving = pod(name="run-0", phase="Running", running=T0, deleting=True, conditions=[DRAINED])
+    status = decide(job_=job(), pods=[leaving])
+    assert cond(status, "Succeeded")["reason"] == "Interrupted" and "saving a checkpoint" in status["message"]
+
+
+def test_disruptions_are_left_out_of_the_failure_count():
+    pods = [terminated_by_sigterm(f"run-{i}", f"2026-11-27T11:5{i}:00Z", PREEMPTED) for i in range(3)]
+    pods.append(failed_pod(1, "boom", name="run-3", created="2026-11-27T11:54:00Z"))
+    pods.append(pod(name="run-4", created="2026-11-27T11:55:00Z"))
+    retrying = decide(job_=job(active=1), pods=pods)
+    assert retrying["message"].startswith("attempt 1 failed (Error: ")
+    failed = decide(job_=job(("Failed", "BackoffLimitExceeded", "")), pods=pods[:4], backoff_limit=0)
+    assert "failed 1 times" in failed["message"] and "143" not in failed["message"]
+
+
+def test_a_summary_without_a_failure_keeps_its_json_out_of_the_message():
+    stopped = failed_pod(143, json.dumps({"status": "Terminated", "step": 3}))
+    status = decide(job_=job(("Failed", "BackoffLimitExceeded", "")), pods=[stopped])
+    assert "{" not in status["message"] and "exited with code 143" in status["message"]
+
+
+def ranked(index, code, text, created=T0, finished="2026-11-27T11:59:50Z"):
+    p = failed_pod(code, text, name=f"run-{index}-x", created=created)
+    p["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    p["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = finished
+    return p
+
+
+DATASET_INVALID = summary("DatasetInvalid", "line 7: no 'answer' field")
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_multi_node_failure_reason_does_not_depend_on_event_order(order):
+    # Both ranks of one attempt share a creationTimestamp; rank 1 fails because rank 0 did (and later).
+    rank0 = ranked(0, 65, DATASET_INVALID, finished="2026-11-27T11:59:50Z")
+    rank1 = ranked(1, 1, "connection reset by peer", finished="2026-11-27T11:59:55Z")
+    pods = [rank0, rank1] if order == 0 else [rank1, rank0]
+    status = decide(job_=job(("Failed", "BackoffLimitExceeded", "")), pods=pods, backoff_limit=0)
+    assert "last attempt: DatasetInvalid" in status["message"]
+
+
+def test_the_pod_named_by_the_pod_failure_policy_decides():
+    rank0 = ranked(0, 1, "connection reset by peer", finished="2026-11-27T11:59:55Z")
+    rank1 = ranked(1, 65, DATASET_INVALID, finished="2026-11-27T11:59:50Z")
+    policy = ("Failed", "PodFailurePolicy", "Container trainer for pod ns/run-1-x failed with exit code 65 "
+              "matching FailJob rule at index 1")
+    for pods in ([rank0, rank1], [rank1, rank0]):
+        status = decide(job_=job(policy), pods=pods)
+        assert cond(status, "Succeeded")["reason"] == "DatasetInvalid"
+
+
+def test_without_rank_or_policy_the_failure_that_ended_last_decides():
+    a = ranked(0, 66, "OSError: cannot load", finished="2026-11-27T11:59:59Z")
+    b = ranked(0, 1, "boom", finished="2026-11-27T11:59:10Z")
+    for pods in ([a, b], [b, a]):
+        status = decide(job_=job(("Failed", "JobFailed", "")), pods=pods)
+        assert cond(status, "Succeeded")["reason"] == "ModelLoadFailed"
+
+
+@pytest.mark.parametrize("event, reason", [
+    ('Error creating: pods "run-x" is forbidden: exceeded quota: gpu, requested: requests.nvidia.com/gpu=1, '
+     'used: requests.nvidia.com/gpu=4, limited: requests.nvidia.com/gpu=4', "QuotaExceeded"),
+    ('Error creating: pods "run-x" is forbidden: violates PodSecurity "restricted:latest": seccompProfile',
+     "PodCreateRefused"),
+    ('Error creating: admission webhook "deny.example.com" denied the request: no', "PodCreateRefused"),
+])
+def test_a_pod_that_cannot_be_created_says_why_while_it_may_clear(event, reason):
+    status = decide(job_=job(), pods=[], create_failure=event)
+    assert status["phase"] == "Pending"
+    succeeded = cond(status, "Succeeded")
+    assert (succeeded["status"], succeeded["reason"]) == ("Unknown", reason)
+    assert event in status["message"] and transition(None, status).type == "Warning"
+    # Once a pod exists, the Event is old news.
+    assert cond(decide(job_=job(), pods=[pod(phase="Running", running=T0)], create_failure=event),
+                "Succeeded")["reason"] == "Running"
 
 
 def test_model_is_reported():

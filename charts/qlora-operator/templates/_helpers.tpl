@@ -65,6 +65,11 @@ watched namespace.
 - apiGroups: [qlora.io]
   resources: [qlorafinetunes/status]
   verbs: [patch]
+# The children's ownerReferences block the run's deletion until they are gone (blockOwnerDeletion); where the
+# OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift), that takes update on its finalizers.
+- apiGroups: [qlora.io]
+  resources: [qlorafinetunes/finalizers]
+  verbs: [update]
 # The trainer's Job: looked up and created per run, listed and watched for state, patched for
 # suspend, deadline and TTL.
 - apiGroups: [batch]
@@ -83,18 +88,15 @@ watched namespace.
 - apiGroups: [""]
   resources: [services]
   verbs: [get, create]
-# spec.model.tokenSecretRef: the operator checks the Secret and key exist; only the trainer pod reads the value.
-- apiGroups: [""]
-  resources: [secrets]
-  verbs: [get]
 # spec.model.pvc, spec.dataset.pvc and spec.output.pvc are checked to exist.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get]
-# Events on each QLoRAFinetune: its transitions, and kopf's warnings.
+# Events on each QLoRAFinetune: its transitions, and kopf's warnings; and the Job controller's FailedCreate
+# Events of a Job that has no pod (a quota, a policy or a webhook refuses it), listed by field selector.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end }}
 
 {{/* The operator's settings (operator/qlora_operator settings read from QLORA_* variables). */}}
