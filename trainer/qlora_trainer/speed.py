@@ -312,26 +312,26 @@ def varlen_attention_forward(
 
     Sequence boundaries come from `cu_seq_lens_q`/`max_length_q` (transformers' DataCollatorWithFlattening with
     `return_flash_attn_kwargs=True`), else from position ids restarting at 0 in a one-row batch; otherwise
-    every row is one sequence, and with a 2D padding mask the padding is dropped first. A key longer than the
-    query (generation with a cache), the CPU and attention dropout go to SDPA.
+    every row is one sequence, and with a 2D padding mask the padding is dropped first. Whatever the kernel
+    does not compute as the model does runs `_masked_attention` instead, over a mask built from the same
+    boundaries: the CPU, a key longer than the query (generation with a cache), attention dropout, a sliding
+    window shorter than a sequence, logit softcapping and attention sinks.
     """
     import torch
 
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     batch, _, q_len, _ = query.shape
     k_len = key.shape[2]
-    if not query.is_cuda or q_len != k_len or dropout:
-        if attention_mask is not None and attention_mask.dim() == 2:
-            attention_mask = _dense_mask(attention_mask, q_len, k_len, query.dtype)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None and batch == 1 and q_len == k_len and kwargs.get("position_ids") is not None:
+        cu, max_len = packed_boundaries(kwargs["position_ids"])
+    unsupported = varlen_unsupported(query, q_len, k_len, dropout, max_len if cu is not None else q_len, kwargs)
+    if unsupported:
+        return _masked_attention(
+            module, query, key, value, attention_mask, dropout, scaling, cu if batch == 1 else None, **kwargs
+        )
     q = query.transpose(1, 2)  # (batch, seq, heads, dim)
     k = key.transpose(1, 2)
     v = value.transpose(1, 2)
-    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if cu is None and batch == 1 and kwargs.get("position_ids") is not None:
-        cu, max_len = packed_boundaries(kwargs["position_ids"])
     if cu is not None and batch == 1:
         cu = cu.to(torch.int32)
         out = _call_varlen(q[0], k[0], v[0], cu, cu, int(max_len), int(max_len), scaling)
@@ -351,6 +351,105 @@ def varlen_attention_forward(
     out = _call_varlen(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, scaling)
     full = out.new_zeros(batch * q_len, *out.shape[1:]).index_copy(0, index, out)
     return full.view(batch, q_len, *out.shape[1:]), None
+
+
+def varlen_unsupported(query: Any, q_len: int, k_len: int, dropout: float, longest: Any, kwargs: dict) -> str | None:
+    """Why the varlen kernel would not compute what the model computes for this call, else None.
+
+    The kernel is causal within each sequence and nothing else: a sliding window (Mistral, Qwen2 with a window,
+    Gemma-2/3's local layers) changes the result only for a sequence longer than the window; softcapping
+    (Gemma-2) and sinks (gpt-oss) always do."""
+    if not query.is_cuda:
+        return "not on a GPU"
+    if q_len != k_len:
+        return "a key longer than the query"
+    if dropout:
+        return "attention dropout"
+    if kwargs.get("softcap") is not None:
+        return "logit softcapping"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks"
+    window = kwargs.get("sliding_window")
+    if window is not None and int(longest) > window:
+        return "a sliding window shorter than a sequence"
+    return None
+
+
+def _masked_attention(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float, scaling: float | None,
+    cu: Any, **kwargs: Any,
+) -> tuple[Any, Any]:
+    """The model's own attention over an explicit mask: causal, within each packed sequence (`cu`, the
+    boundaries of a one-row batch) or row, within a sliding window where the call has one, and without padding.
+
+    Softcapping and sinks run the model's own eager function (SDPA has neither); the rest SDPA, which takes
+    dropout and a boolean mask. The mask is quadratic in the row: the price of computing what the model does."""
+    import sys
+
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = _block_mask(query, key.shape[2], cu, attention_mask, kwargs.get("sliding_window"))
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise NotImplementedError(f"{type(module).__name__}: softcapping or sinks without an eager attention")
+        additive = query.new_zeros(mask.shape).masked_fill_(~mask, torch.finfo(query.dtype).min)  # eager adds it
+        return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, **kwargs)
+    kwargs.pop("sliding_window", None)  # in the mask
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _block_mask(query: Any, k_len: int, cu: Any, mask_2d: Any, window: int | None) -> Any:
+    """Boolean (batch, 1, q, k) mask: causal (the last query aligned with the last key), within the sequence
+    each position belongs to (`cu`: boundaries of a one-row batch), within `window` keys back (a key is
+    seen when it is less than `window` positions behind, as transformers' sliding-window mask), and over the
+    2D padding mask's real keys."""
+    import torch
+
+    q_len = query.shape[2]
+    device = query.device
+    rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    cols = torch.arange(k_len, device=device)[None, :]
+    allowed = cols <= rows
+    if window is not None:
+        allowed = allowed & (cols > rows - window)
+    if cu is not None:
+        # The sequence index of each key position (queries are the last q_len of them).
+        seq = torch.bucketize(torch.arange(k_len, device=device), cu.to(device)[1:-1].long(), right=True)
+        allowed = allowed & (seq[k_len - q_len :][:, None] == seq[None, :])
+    allowed = allowed[None, None].expand(query.shape[0], 1, q_len, k_len)
+    if mask_2d is not None and mask_2d.dim() == 2:
+        allowed = allowed & mask_2d[:, None, None, -k_len:].bool()
+    elif mask_2d is not None:  # a 4D mask some caller built: honour it as well
+        allowed = allowed & (mask_2d.bool() if mask_2d.dtype == torch.bool else mask_2d == 0)
+    return allowed
+
+
+def varlen_refused(model: Any, max_length: int) -> str | None:
+    """What of `model`'s attention the varlen kernel would not compute on packed rows of at most `max_length`
+    tokens, else None. Such a model keeps the attention it was loaded with (whose masks transformers builds
+    from the packed position ids): under varlen, every call would take `_masked_attention`, right but with a
+    mask quadratic in the row. A window at least `max_length` long never cuts a sequence (Mistral-7B-v0.1's 4096
+    at the default 1024), so it does not count."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "attention_dropout", 0.0):
+        return "attention dropout"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "logit softcapping"
+    windows = []
+    for module in model.modules():
+        if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+            return "attention sinks"
+        if "sliding_window" in vars(module) or hasattr(type(module), "sliding_window"):
+            windows.append(module.sliding_window)
+    if not windows:  # Mistral passes its config's window to attention; Qwen2-style models set it per module
+        windows.append(getattr(config, "sliding_window", None))
+    if any(window is not None and window < max_length for window in windows):
+        return "sliding window"
+    return None
 
 
 _BOUNDARIES: list[Any] = [None, None, 0]
@@ -405,17 +504,6 @@ def install_packed_boundaries(model: Any) -> int:
     return count
 
 
-def _dense_mask(mask_2d: Any, q_len: int, k_len: int, dtype: Any) -> Any:
-    """Boolean (batch, 1, q, k) causal-and-padding mask for the SDPA fallback."""
-    import torch
-
-    offset = k_len - q_len
-    rows = torch.arange(q_len, device=mask_2d.device)[:, None] + offset
-    cols = torch.arange(k_len, device=mask_2d.device)[None, :]
-    causal = cols <= rows
-    return (causal[None, None] & mask_2d[:, None, None, -k_len:].bool())
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Kernels and k-bit preparation
 
@@ -432,8 +520,8 @@ def apply_kernels(model: Any, *, fused_loss: bool = True, layer_kernels: bool = 
     """Swap in fused kernels where the model's architecture has them; returns what was applied.
 
     Call before peft wraps the model. Only on CUDA: on the CPU nothing changes and the list is empty. Liger's
-    Triton kernels for SwiGLU, RoPE and the loss where Liger knows the architecture (not EXAONE 3.x's remote
-    code); PyTorch's own fused RMSNorm for any architecture whose norm it reproduces. The fused linear
+    Triton kernels for SwiGLU, RoPE and the loss where Liger knows the code that runs the model
+    (`liger_architecture`: EXAONE 3.x as shipped runs as Llama; not its remote code); PyTorch's own fused RMSNorm for any architecture whose norm it reproduces. The fused linear
     cross-entropy never materialises the (tokens x 102k) logits: the largest single saving in memory.
     `layer_kernels=False` (under torch.compile, which fuses the blocks itself) keeps only the loss.
     """
@@ -453,11 +541,11 @@ def _apply_liger(model: Any, *, fused_loss: bool, layer_kernels: bool) -> list[s
     # Liger logs a warning per optional backend it cannot load (CuTe DSL, Ascend); none is used here.
     logging.getLogger("liger_kernel").setLevel(logging.ERROR)
 
-    model_type = getattr(model.config, "model_type", None)
-    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
-    if apply is None:
-        log.info("no Liger kernels for model type %s", model_type)
+    architecture = liger_architecture(model, MODEL_TYPE_TO_APPLY_LIGER_FN)
+    if architecture is None:
+        log.info("no Liger kernels for %s (model type %s)", type(model).__name__, model.config.model_type)
         return []
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN[architecture]
     wanted = {
         "rope": layer_kernels,
         "rms_norm": False,  # use_native_rms_norm instead
@@ -469,6 +557,29 @@ def _apply_liger(model: Any, *, fused_loss: bool, layer_kernels: bool) -> list[s
     kwargs = {k: v for k, v in wanted.items() if k in params}
     apply(model=model, **kwargs)
     return [k for k, v in kwargs.items() if v]
+
+
+def liger_architecture(model: Any, table: Any) -> str | None:
+    """The key of Liger's per-architecture table (`table`) for the code that runs `model`, else None.
+
+    Liger's functions patch one transformers modeling module (`apply_liger_kernel_to_llama` patches
+    `modeling_llama`), so the key is that module's: a model whose own `model_type` names another module is run
+    by that module's classes. EXAONE 3.x as the hub ships it is `model_type: exaone`, which transformers loads
+    as `LlamaForCausalLM` and Liger's table does not list: it gets Llama's kernels, as a Llama-typed copy of
+    the same weights does. Remote code is not transformers' module, so Liger's patches would not reach it: None.
+    """
+    parts = type(model).__module__.split(".")
+    if len(parts) != 4 or parts[:2] != ["transformers", "models"] or parts[3] != f"modeling_{parts[2]}":
+        return None
+    package = parts[2]
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in table:
+        from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+        # gemma3_text lives in modeling_gemma3: the type's own entry, where the type is that module's.
+        if model_type_to_module_name(model_type) == package:
+            return model_type
+    return package if package in table else None
 
 
 def use_native_rms_norm(model: Any) -> int:
@@ -1451,17 +1562,22 @@ def configure(
         return SpeedSetup(attention=loaded, kernels=[], plan=None)
     import torch
 
-    attention = loaded
+    attention, notes = loaded, []
     native = type(base).__module__.startswith("transformers.")
+    refused = varlen_refused(base, max_length)
     if packing and native and choose_attention(device) == VARLEN:
-        base.config._attn_implementation = VARLEN
-        install_packed_boundaries(base)
-        attention = VARLEN
+        if refused:
+            notes = [f"attention {loaded}: varlen would not compute this model's {refused}"]
+        else:
+            base.config._attn_implementation = VARLEN
+            install_packed_boundaries(base)
+            attention = VARLEN
     planned = packing or batch_size == "auto"
     will_compile = planned and packing and compile_pays(total_steps)
     # Under torch.compile only the fused loss stays Liger's: inductor fuses the norms, RoPE and SwiGLU itself.
     kernels = apply_kernels(base, layer_kernels=not will_compile)
     setup = SpeedSetup(attention=attention, kernels=kernels, plan=None, lean_lora_layers=use_lean_lora(model))
+    setup.notes.extend(notes)
     if drop_optimizer_syncs():
         setup.notes.append("bitsandbytes optimizers without a device sync per parameter")
     if not planned:
