@@ -546,6 +546,7 @@ def _apply_liger(model: Any, *, fused_loss: bool, layer_kernels: bool) -> list[s
         log.info("no Liger kernels for %s (model type %s)", type(model).__name__, model.config.model_type)
         return []
     apply = MODEL_TYPE_TO_APPLY_LIGER_FN[architecture]
+    borrow_config_defaults(model.config, architecture)
     wanted = {
         "rope": layer_kernels,
         "rms_norm": False,  # use_native_rms_norm instead
@@ -580,6 +581,26 @@ def liger_architecture(model: Any, table: Any) -> str | None:
         if model_type_to_module_name(model_type) == package:
             return model_type
     return package if package in table else None
+
+
+def borrow_config_defaults(config: Any, architecture: str) -> list[str]:
+    """Give `config` the fields of `architecture`'s own config class that it lacks, at their defaults; returns
+    their names. Liger's forward for an architecture reads that class's fields (Llama's loss forward reads
+    `pretraining_tp`, which EXAONE's config has not: an AttributeError at the first step). A field the config
+    has keeps its value; the added defaults are what the architecture's code assumes when they are absent."""
+    import dataclasses
+
+    from transformers import CONFIG_MAPPING
+
+    own = CONFIG_MAPPING[architecture] if architecture in CONFIG_MAPPING else None
+    if own is None or isinstance(config, own) or not dataclasses.is_dataclass(own):
+        return []
+    added = []
+    for spec in dataclasses.fields(own):
+        if not hasattr(config, spec.name) and spec.default is not dataclasses.MISSING:
+            setattr(config, spec.name, spec.default)
+            added.append(spec.name)
+    return added
 
 
 def use_native_rms_norm(model: Any) -> int:

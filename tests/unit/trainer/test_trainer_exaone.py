@@ -120,3 +120,14 @@ def test_the_trainer_loads_it_in_4_bits_with_loras_targets(exaone_dir, tmp_path)
     targets = model.peft_config["default"].target_modules
     assert set(targets) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert supports_packing(model)
+
+
+def test_the_architectures_config_fields_it_lacks_are_given_their_defaults(exaone_dir):
+    model = load(exaone_dir)
+    assert not hasattr(model.config, "pretraining_tp")  # Liger's Llama loss forward reads it
+    assert speed.borrow_config_defaults(model.config, "llama") == ["pretraining_tp"]
+    assert model.config.pretraining_tp == 1 and model.config.model_type == "exaone"
+    assert speed.borrow_config_defaults(model.config, "llama") == []
+    from transformers import LlamaConfig
+
+    assert speed.borrow_config_defaults(LlamaConfig(), "llama") == []  # its own class: nothing to borrow
