@@ -1633,6 +1633,8 @@ def configure(
             from . import graphs
 
             setup.graphs = graphs.install(base, max_length=max_length, limit=plan.token_budget)
+            if setup.graphs is not None:
+                setup.plan = with_graphs(plan, shape)
         elif not plan.checkpointed_layers:
             setup.notes.append("blocks eager: no room left for CUDA graphs' memory")
     return setup
@@ -1644,14 +1646,29 @@ GRAPH_STATIC_TENSORS = 3
 GRAPH_POOL_SLACK = 0.1
 
 
+def graphs_bytes(plan: BatchPlan, shape: ModelShape) -> int:
+    """What the CUDA graphs add to `plan`'s peak (without them in its estimate)."""
+    static = GRAPH_STATIC_TENSORS * plan.token_budget * shape.hidden_size * 2  # bf16
+    return int(static + GRAPH_POOL_SLACK * plan.estimated_peak_bytes)
+
+
 def cuda_graphs_fit(plan: BatchPlan, shape: ModelShape) -> bool:
     """Whether the blocks may train from CUDA graphs (graphs.py) under `plan`: it recomputes no block (a graph
     of checkpointed blocks is not captured) and its estimated peak leaves room for what the graphs add."""
     if plan.checkpointed_layers:
         return False
-    static = GRAPH_STATIC_TENSORS * plan.token_budget * shape.hidden_size * 2  # bf16
-    extra = static + GRAPH_POOL_SLACK * plan.estimated_peak_bytes
-    return plan.estimated_peak_bytes + extra <= plan.budget_bytes
+    return plan.estimated_peak_bytes + graphs_bytes(plan, shape) <= plan.budget_bytes
+
+
+def with_graphs(plan: BatchPlan, shape: ModelShape) -> BatchPlan:
+    """`plan` with the graphs' memory in its estimated peak, once the graphs are installed (measured on an H200
+    at 7.8B: 76.3 GiB allocated at the 16,384-token worst case against 71.7 estimated without them)."""
+    import dataclasses
+
+    extra = graphs_bytes(plan, shape)
+    return dataclasses.replace(
+        plan, estimated_peak_bytes=plan.estimated_peak_bytes + extra, reason=f"{plan.reason}; CUDA graphs' memory included"
+    )
 
 
 # `batchSize: auto` keeps the optimizer batch of the API's default micro-batch (2) x gradientAccumulationSteps.
