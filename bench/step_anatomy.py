@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         json.dumps(
             {
                 "attention": attention,
-                "varlen": getattr((speed._VARLEN_CALL or [None])[0], "__name__", None),
+                "varlen": getattr((speed.attention._VARLEN_CALL or [None])[0], "__name__", None),
                 "kernels": kernels,
                 "fused": fused,
                 "lean_lora_layers": lean,
@@ -394,11 +394,11 @@ def eager_toggle(label, model, native_rope):
     @contextlib.contextmanager
     def public_varlen():
         kept = speed._varlen_call()
-        speed._VARLEN_CALL = speed._public_varlen_call()
+        speed.attention._VARLEN_CALL = speed._public_varlen_call()
         try:
-            yield {"varlen": getattr(speed._VARLEN_CALL[0], "__name__", "?")}
+            yield {"varlen": getattr(speed.attention._VARLEN_CALL[0], "__name__", "?")}
         finally:
-            speed._VARLEN_CALL = kept
+            speed.attention._VARLEN_CALL = kept
 
     @contextlib.contextmanager
     def bnb_sync():
