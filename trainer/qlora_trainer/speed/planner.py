@@ -26,31 +26,37 @@ def allocator_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """Bytes of activation memory per packed token, fitted to H100 measurements (bench/RESULTS.md).
+    """Bytes of activation memory per packed token, fitted to the worst-case micro-batches measured on an H200 at
+    EXAONE-3.5's 2.4B and 7.8B shapes (bench/trainer_speed.py's peak at the plan's token budget, bench/RESULTS.md,
+    2026-12-04).
 
-    `layer_bytes_per_hidden`: what one block keeps for its backward, per token and unit of hidden size
-    (attention-only LoRA r=16 with dropout, bf16 autocast, Liger kernels, varlen attention: 2.4 MiB a token
-    for the 30 blocks of EXAONE-2.4B); `boundary_bytes_per_hidden`: what a checkpointed block keeps (its
-    input); `head_bytes_*`: what the loss keeps per token, nearly nothing with the fused linear cross-entropy
-    and the fp32 logits with their gradient without it. `fixed_reserve_bytes` covers the allocator's slack,
-    the CUDA context is outside PyTorch's count and already out of the free memory.
+    What one block keeps for its backward (attention-only LoRA r=16 with dropout, bf16 autocast, Liger kernels,
+    varlen attention) grows with the hidden size (residual, norms, q/k/v, attention output, LoRA inputs:
+    `layer_bytes_per_hidden`) and with the MLP's width (SwiGLU's two bf16 inputs: `layer_bytes_per_intermediate`):
+    one size's per-hidden figure alone was 8% low at the other's. A checkpointed block keeps its input
+    (`boundary_bytes_per_hidden`); the backward of a recomputed block holds `recompute_fraction` of a block more
+    than what is kept (its full activations come back as the later blocks' are freed). `head_bytes_*`: what the
+    loss keeps per token, nearly nothing with the fused linear cross-entropy, the fp32 logits and their gradient
+    without it. `fixed_reserve_bytes` covers the allocator's slack over what it allocates (0.1-0.3 GiB measured
+    with expandable segments); the CUDA context is outside PyTorch's count and already out of the free memory.
     """
 
-    layer_bytes_per_hidden: float = 33.0
-    unfused_layer_bytes_per_hidden: float = 40.0
+    layer_bytes_per_hidden: float = 20.9
+    layer_bytes_per_intermediate: float = 4.15
+    unfused_extra_bytes_per_hidden: float = 7.0
     boundary_bytes_per_hidden: float = 2.3
+    recompute_fraction: float = 0.28
     head_bytes_fused: float = 64.0
     head_bytes_per_vocab_unfused: float = 16.0
-    fixed_reserve_bytes: int = int(0.75 * GIB)
+    fixed_reserve_bytes: int = int(0.25 * GIB)
     safety: float = 0.9
 
     def per_token(self, shape: ModelShape, checkpointed_fraction: float, fused_loss: bool) -> float:
-        per_hidden = self.layer_bytes_per_hidden if fused_loss else self.unfused_layer_bytes_per_hidden
-        layer = per_hidden * shape.hidden_size
+        per_hidden = self.layer_bytes_per_hidden + (0.0 if fused_loss else self.unfused_extra_bytes_per_hidden)
+        layer = per_hidden * shape.hidden_size + self.layer_bytes_per_intermediate * shape.intermediate_size
         boundary = self.boundary_bytes_per_hidden * shape.hidden_size
         kept = shape.num_layers * ((1 - checkpointed_fraction) * layer + checkpointed_fraction * boundary)
-        # A checkpointed block holds its full activations again while it is recomputed.
-        recompute = layer if checkpointed_fraction > 0 else 0.0
+        recompute = self.recompute_fraction * layer if checkpointed_fraction > 0 else 0.0
         head = self.head_bytes_fused if fused_loss else self.head_bytes_per_vocab_unfused * shape.vocab_size
         return kept + recompute + head
 
