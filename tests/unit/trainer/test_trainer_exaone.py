@@ -131,3 +131,25 @@ def test_the_architectures_config_fields_it_lacks_are_given_their_defaults(exaon
     from transformers import LlamaConfig
 
     assert speed.borrow_config_defaults(LlamaConfig(), "llama") == []  # its own class: nothing to borrow
+
+
+def test_the_trainer_trains_and_merges_the_hub_format(exaone_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_trainer.config import TrainerConfig
+    from qlora_trainer.output import merge_adapter
+    from qlora_trainer.testing import bilingual_qa_records, tiny_config, write_jsonl
+    from qlora_trainer.training import train
+
+    data = write_jsonl(tmp_path / "data.jsonl", bilingual_qa_records(6))
+    cfg = TrainerConfig.model_validate(
+        tiny_config(exaone_dir, data, tmp_path / "out", maxSteps=20, batchSize=4, maxLength=40, evalEvery=20)
+    )
+    summary = train(cfg)
+    assert summary["status"] == "Succeeded" and summary["evalLoss"] < 0.7 * summary["initialEvalLoss"], summary
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(cfg, tmp_path / "out"), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(load(exaone_dir), tmp_path / "out")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
