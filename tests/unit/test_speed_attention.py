@@ -104,6 +104,32 @@ def test_softcapping_runs_the_models_own_eager_attention_per_example():
     assert torch.allclose(packed, alone, atol=1e-5)
 
 
+def test_attention_sinks_run_the_models_own_eager_attention_per_example():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    speed.register_varlen_attention()
+    config = GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "sinks"):
+                module.sinks.normal_()  # away from zero, so they count
+    assert speed.varlen_refused(model, 1024) == "attention sinks"
+    ids = torch.randint(0, 64, (1, sum(LENGTHS)))
+    positions = torch.cat([torch.arange(length) for length in LENGTHS])[None]
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=part).logits for part in ids.split(list(LENGTHS), dim=1)], dim=1)
+        model.config._attn_implementation = speed.VARLEN
+        packed = model(input_ids=ids, position_ids=positions).logits
+    assert torch.allclose(packed, alone, atol=1e-5)
+
+
 def test_varlen_is_refused_where_it_would_compute_something_else():
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
