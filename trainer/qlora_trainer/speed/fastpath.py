@@ -101,8 +101,10 @@ def configure(
     """Put a loaded peft model on the GPU fast path; a no-op on the CPU. Call after LoRA is added, before
     the Trainer is built.
 
-    - packing on a transformers-native model: varlen attention, example boundaries from the position ids;
-    - Liger's kernels on the base model where its architecture has them;
+    - packing on a transformers-native model: varlen attention, example boundaries from the position ids, unless
+      its attention is one varlen does not compute (`varlen_refused`: the loaded attention stays, and the line
+      says why);
+    - Liger's kernels on the base model where the code that runs it has them (`liger_architecture`);
     - with packing, the optimizer batch (batchSize x gradientAccumulationSteps examples; `auto` counts as 2)
       is a learning setting and the micro-batch a memory detail, so `plan_batch` sizes the packed
       micro-batch's token budget from the free GPU memory whatever batchSize says, recomputes as few blocks
@@ -122,8 +124,8 @@ def configure(
 
     attention, notes = loaded, []
     native = type(base).__module__.startswith("transformers.")
-    refused = varlen_refused(base, max_length)
     if packing and native and choose_attention(device) == VARLEN:
+        refused = varlen_refused(base, max_length)
         if refused:
             notes = [f"attention {loaded}: varlen would not compute this model's {refused}"]
         else:
