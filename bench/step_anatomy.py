@@ -2,7 +2,7 @@
 
     python bench/step_anatomy.py --out .bench-out
 
-One process, the defaults' model (EXAONE-3.5-2.4B's shape in NF4 with the dequantized weight cache, varlen
+One process, the defaults' model (EXAONE-3.5-2.4B saved as the hub has it, random weights, in NF4 with the dequantized weight cache, varlen
 attention, the fused kernels of speed.apply_kernels, LoRA r16 on q/k/v/o with dropout 0.1, the lean forward, q/k/v
 in one matmul, bitsandbytes' optimizer without its per-parameter syncs)
 and the defaults' step: 16 QA pairs of the benchmark's data packed into one row (its boundaries from the
@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from qlora_trainer import graphs, speed  # noqa: E402
 from qlora_trainer.data import collator as data_collator  # noqa: E402
 from trainer_speed import (  # noqa: E402
-    EXAONE_SHAPE,
+    SIZES,
     TARGETS,
     TINY_SHAPE,
     build_model_dir,
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run of the eager variants, tiny model")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    args.model_dir = args.model_dir or args.out / "model-exaone-shape"
+    args.model_dir = args.model_dir or args.out / "model-exaone-3.5-2.4b"
     speed.allocator_env()
 
     import torch
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     from peft import get_peft_model
 
     device = "cpu" if args.tiny else "cuda:0"
-    model_shape = TINY_SHAPE if args.tiny else EXAONE_SHAPE
+    model_shape = TINY_SHAPE if args.tiny else SIZES["2.4b"]
     if args.tiny:
         args.model_dir = args.out / "model-tiny"
     build_model_dir(args.model_dir, model_shape, device)
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         json.dumps(
             {
                 "attention": attention,
-                "varlen": getattr((speed._VARLEN_CALL or [None])[0], "__name__", None),
+                "varlen": getattr((speed.attention._VARLEN_CALL or [None])[0], "__name__", None),
                 "kernels": kernels,
                 "fused": fused,
                 "lean_lora_layers": lean,
@@ -394,11 +394,11 @@ def eager_toggle(label, model, native_rope):
     @contextlib.contextmanager
     def public_varlen():
         kept = speed._varlen_call()
-        speed._VARLEN_CALL = speed._public_varlen_call()
+        speed.attention._VARLEN_CALL = speed._public_varlen_call()
         try:
-            yield {"varlen": getattr(speed._VARLEN_CALL[0], "__name__", "?")}
+            yield {"varlen": getattr(speed.attention._VARLEN_CALL[0], "__name__", "?")}
         finally:
-            speed._VARLEN_CALL = kept
+            speed.attention._VARLEN_CALL = kept
 
     @contextlib.contextmanager
     def bnb_sync():

@@ -4,6 +4,7 @@
     python bench/trainer_speed.py --sweep --out .bench-out     # one-process sweep of techniques (CUDA machine)
     python bench/trainer_speed.py --tiny --out /tmp/b          # CPU smoke run of every code path, tiny model
     python bench/trainer_speed.py --cli-packages trainer        # the real CLI (`python -m qlora_trainer`), one epoch
+    python bench/trainer_speed.py --size 7.8b --settings defaults,defaults48 --out .bench-out   # another size
 
 One run compares, on the same data, seed and GPU, each setting in its own process (so peak memory and the
 global kernel patches of one cannot leak into the next):
@@ -18,7 +19,7 @@ global kernel patches of one cannot leak into the next):
              micro-batch, checkpointing and the dequantized weight cache from free GPU memory; the optimizer
              batch (16 examples), optimizer, schedule and LoRA are the guide's. The product loop: the
              trainer's QLoRATrainer cuts each step's packed row under the plan's token budget.
-  defaults24 the same, with the process capped at 24 GiB (a 3090/4090-class card).
+  defaults24 the same, with the process capped at 24 GiB (a 3090/4090-class card); `defaultsN` caps at N GiB.
   lowmem     the same, capped at 5 GiB: the planner then checkpoints (nearly) every block.
   defaults-eager (optional) defaults with the decoder blocks run eagerly (no CUDA graphs).
   compiled   (optional) defaults plus torch.compile of the decoder blocks (Liger's fused loss only).
@@ -26,8 +27,11 @@ global kernel patches of one cannot leak into the next):
   explicit2  (optional) packed micro-batches of 2 x 1024 tokens with checkpointing on every block (the trainer's
              budget before speed.configure), varlen and Liger.
 
-The model is random-weight with EXAONE-3.5-2.4B's shape as a Llama config (EXAONE 3.5 is Llama-like), saved once
-in bf16 and loaded through the real path: from_pretrained with a BitsAndBytesConfig. The data: 2,000 QA pairs,
+The model is random-weight, saved once in bf16 exactly as the hub's EXAONE-3.5 checkpoint of `--size` is
+(`model_type: exaone`, EXAONE's weight names and config fields, tied embeddings at 2.4B; shard by shard,
+qlora_trainer.testing.save_exaone_checkpoint), and loaded through the real path: from_pretrained with a
+BitsAndBytesConfig, which transformers runs with its Llama code. (Runs before 2026-12-04 used a Llama-typed copy
+of the 2.4B shape.) The data: 2,000 QA pairs,
 rendered lengths log-normal (median 300, sigma 0.6, capped 1024, seed 0), answers a fixed function of the
 question (each answer token is a fixed permutation of the question token it copies), 5% held out.
 
@@ -42,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,24 +58,18 @@ sys.path.insert(0, str(REPO / "trainer"))
 
 from qlora_trainer import speed  # noqa: E402  (torch-free at import)
 from qlora_trainer.data import collator as data_collator  # noqa: E402
+from qlora_trainer.testing import EXAONE_35_SHAPES, exaone_config, save_exaone_checkpoint  # noqa: E402
 
-EXAONE_SHAPE = dict(
-    hidden_size=2560,
-    num_hidden_layers=30,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=80,
-    intermediate_size=7168,
-    vocab_size=102400,
-)
+# EXAONE-3.5's published shapes by --size, in EXAONE's own config field names; a tiny one for CPU smoke runs.
+SIZES = EXAONE_35_SHAPES
 TINY_SHAPE = dict(
     hidden_size=64,
-    num_hidden_layers=2,
+    num_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    head_dim=16,
     intermediate_size=128,
     vocab_size=2048,
+    tie_word_embeddings=True,
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PAD, BOS, EOS, USER, ASSISTANT = 0, 1, 2, 3, 4
@@ -161,28 +160,17 @@ class CountingCollator:
 # Model
 
 
-def build_model_dir(path: Path, shape: dict, device: str) -> None:
-    """Random bf16 weights of the given shape, saved once: the 4-bit model is then loaded the real way."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_shape(args) -> dict:
+    """The config fields of the model this run uses (EXAONE's names)."""
+    return TINY_SHAPE if args.tiny else SIZES[args.size]
 
+
+def build_model_dir(path: Path, shape: dict, device: str) -> None:
+    """Random bf16 weights of the given shape, saved once as the hub's EXAONE-3.5 checkpoints are: the 4-bit
+    model is then loaded the real way."""
     if (path / "config.json").exists():
         return
-    config = LlamaConfig(
-        **shape,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-5,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    del model
+    save_exaone_checkpoint(path, exaone_config(shape), device=device)
 
 
 def load_4bit(path: Path, attention: str, device: str):
@@ -232,16 +220,16 @@ def run_setting(name: str, args) -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
     device = "cuda:0" if cuda else "cpu"
-    shape_kw = TINY_SHAPE if args.tiny else EXAONE_SHAPE
-    shape = speed.ModelShape.from_config(argparse.Namespace(**shape_kw))
+    shape = speed.ModelShape.from_config(argparse.Namespace(**model_shape(args)))
     train, evals = make_dataset(args.examples, args.max_length, shape.vocab_size)
     if args.fraction < 1:
         train = train[: max(16, int(len(train) * args.fraction))]
     lengths = [len(x["input_ids"]) for x in train]
     result: dict[str, Any] = {"setting": name, "train_examples": len(train), "useful_tokens_epoch": sum(lengths)}
 
-    if name == "defaults24" and cuda:
-        speed.cap_gpu_memory(24)
+    capped = re.fullmatch(r"defaults(\d+)", name)
+    if capped and cuda:
+        speed.cap_gpu_memory(float(capped.group(1)))
     if name == "lowmem" and cuda:
         speed.cap_gpu_memory(args.lowmem_cap)
 
@@ -306,6 +294,9 @@ def run_setting(name: str, args) -> dict[str, Any]:
         if graphed and speed.cuda_graphs_fit(plan, shape):  # as speed.configure does
             stack = graphs.install(model, max_length=args.max_length, limit=plan.token_budget)
             result["cuda_graphs"] = stack is not None
+            if stack is not None:
+                plan = speed.with_graphs(plan, shape)
+                result["plan"], plan_text = plan.to_dict(), plan.describe()
     if name.startswith("compiled"):
         result["compiled_layers"] = speed.compile_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -385,6 +376,11 @@ def run_setting(name: str, args) -> dict[str, Any]:
     if cuda:
         result["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / speed.GIB
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / speed.GIB
+    if cuda and token_budget is not None and args.worst_case:
+        try:
+            result["worst_case_peak_gib"] = worst_case_peak(trainer, model, collator, token_budget, args.max_length, shape)
+        except Exception as exc:  # noqa: BLE001 - the epoch's figures stand; the table says what failed
+            result["worst_case_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     warm = min(args.warmup_steps + (3 if name.startswith("compiled") else 0), max(0, len(marks) - 2))
     (t_a, n_a), (t_b, n_b) = marks[warm], marks[-1]
     seconds = t_a.elapsed_time(t_b) / 1e3 if cuda else t_b - t_a
@@ -400,6 +396,30 @@ def run_setting(name: str, args) -> dict[str, Any]:
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(0)
     return result
+
+
+def worst_case_peak(trainer, model, collator, token_budget: int, max_length: int, shape) -> float:
+    """Peak allocated GiB of one training micro-batch at the plan's worst case: `token_budget` tokens in examples
+    of max_length (the bench's data rarely packs a step that full, so the epoch's peak is not the plan's).
+    The product's step (QLoRATrainer.training_step, graphs and all), after training: the optimizer's states
+    are there, as they are at any step but the first."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    examples = []
+    for _ in range(token_budget // max_length):
+        ids = torch.randint(16, shape.vocab_size, (max_length,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": ids})
+    batch = {k: (v.to("cuda") if hasattr(v, "to") else v) for k, v in collator(examples).items()}
+    labels = torch.tensor(int((batch["labels"] != -100).sum()), device="cuda")
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    trainer.training_step(model, batch, labels)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / speed.GIB
+    model.zero_grad(set_to_none=True)
+    return peak
 
 
 def eval_loss(model, evals, collator, batch: int, kernels: list[str], device: str) -> float:
@@ -429,7 +449,7 @@ def sweep(args) -> list[dict[str, Any]]:
     from peft import get_peft_model
 
     device = "cuda:0"
-    shape = speed.ModelShape.from_config(argparse.Namespace(**EXAONE_SHAPE))
+    shape = speed.ModelShape.from_config(argparse.Namespace(**model_shape(args)))
     train, _ = make_dataset(args.examples, args.max_length, shape.vocab_size)
     speed.register_varlen_attention()
     model = load_4bit(args.model_dir, "sdpa", device)
@@ -563,7 +583,7 @@ def check_dense(args) -> None:
     import torch
 
     device = "cuda:0"
-    shape = speed.ModelShape.from_config(argparse.Namespace(**EXAONE_SHAPE))
+    shape = speed.ModelShape.from_config(argparse.Namespace(**model_shape(args)))
     train, _ = make_dataset(64, args.max_length, shape.vocab_size)
     attention = speed.choose_attention(device)
     model = load_4bit(args.model_dir, attention, device)
@@ -578,7 +598,7 @@ def check_dense(args) -> None:
 
 
 def cli_check(args) -> list[dict[str, Any]]:
-    """The real trainer CLI (`python -m qlora_trainer --config`) on the EXAONE-shaped model, text QA data and a
+    """The real trainer CLI (`python -m qlora_trainer --config`) on the EXAONE-format model, text QA data and a
     tokenizer built here, once per trainer package in --cli-packages (e.g. the committed one and a patched
     copy); reports wall time, tokens and peak memory from each run's summary.json."""
     import numpy as np
@@ -651,6 +671,9 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio = f"{r['tokens_per_s'] / guide['tokens_per_s']:.1f}x" if guide else "-"
         loss_vs = f"{(r['eval_loss'] / guide['eval_loss'] - 1) * 100:+.1f}%" if guide else "-"
         peak = f"{r.get('peak_alloc_gib', float('nan')):.1f} / {r.get('peak_reserved_gib', float('nan')):.1f}"
+        if "worst_case_peak_gib" in r:
+            est = r["plan"]["estimated_peak_bytes"] / speed.GIB
+            peak += f"; worst case {r['worst_case_peak_gib']:.1f} (plan: {est:.1f})"
         lines.append(
             f"| {r['setting']} | {r['tokens_per_s']:,.0f} | {ratio} | {wall_s} | {peak} | {r['mfu'] * 100:.1f}% "
             f"| {r['eval_loss']:.4f} ({r['eval_loss_after']}) | {loss_vs} | {r['plan_text']}"
@@ -663,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / ".bench-out")
     parser.add_argument("--model-dir", type=Path, default=None, help="where the random bf16 model is saved")
+    parser.add_argument("--size", choices=sorted(SIZES), default="2.4b", help="EXAONE-3.5's shape of this size")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--max-steps", type=int, default=0, help="time only this many optimizer steps (0: the epoch)")
     parser.add_argument("--full-epoch", default="", help="settings that run the whole epoch despite --max-steps")
@@ -672,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--lowmem-cap", type=float, default=LOWMEM_GIB, help="GiB the lowmem setting plans for and is capped at")
     parser.add_argument("--tiny", action="store_true", help="tiny model and data: a CPU smoke run")
+    parser.add_argument("--no-worst-case", dest="worst_case", action="store_false",
+                        help="skip the micro-batch at the plan's token budget after training (its peak memory)")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--check", action="store_true", help="check the dequantized-weight cache, then exit")
     parser.add_argument("--cli-packages", default="", help="run the trainer CLI from each of these folders")
@@ -683,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.examples, args.max_length = min(args.examples, 96), min(args.max_length, 128)
     if args.model_dir is None:
-        args.model_dir = args.out / ("model-tiny" if args.tiny else "model-exaone-shape")
+        args.model_dir = args.out / ("model-tiny" if args.tiny else f"model-exaone-3.5-{args.size}")
     speed.allocator_env()
 
     if args.worker:
@@ -701,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     t = time.perf_counter()
-    build_model_dir(args.model_dir, TINY_SHAPE if args.tiny else EXAONE_SHAPE, device)
+    build_model_dir(args.model_dir, model_shape(args), device)
     print(f"model ready in {time.perf_counter() - t:.0f}s at {args.model_dir}", flush=True)
     if args.check:
         check_dense(args)

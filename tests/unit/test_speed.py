@@ -121,6 +121,18 @@ def test_unfused_loss_needs_more_memory_per_token():
     assert plan(24, fused_loss=False).token_budget <= plan(24).token_budget
 
 
+def test_a_blocks_memory_grows_with_the_mlps_width_too():
+    memory = speed.MemoryModel()
+    wide = speed.ModelShape(
+        hidden_size=2560, num_layers=30, num_heads=32, num_kv_heads=8, head_dim=80, intermediate_size=14336, vocab_size=102400
+    )
+    extra = memory.per_token(wide, 0.0, fused_loss=True) - memory.per_token(EXAONE, 0.0, fused_loss=True)
+    assert extra == pytest.approx(30 * memory.layer_bytes_per_intermediate * (14336 - 7168))
+    # A recomputed block's backward holds part of a block beyond what is kept; no recomputation, none of it.
+    everything = memory.per_token(EXAONE, 1.0, fused_loss=True)
+    assert everything > 30 * memory.boundary_bytes_per_hidden * 2560 + memory.head_bytes_fused
+
+
 def test_bad_plan_arguments_are_refused():
     with pytest.raises(ValueError):
         plan(24, optimizer_batch=0)

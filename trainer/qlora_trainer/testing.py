@@ -5,11 +5,14 @@ chat template (Korean and English), and a small learnable bilingual QA set. Noth
     cfg = {"model": {"name": str(folder)}, ...}
 
 The model loads through the same `from_pretrained` path as a real one, including bitsandbytes 4-bit.
+`save_exaone_checkpoint` writes random weights exactly as EXAONE 3.5's hub checkpoints are (`model_type: exaone`,
+EXAONE's weight names and config fields, shard by shard): the default model as users get it, at any size.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -106,6 +109,140 @@ def build_tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# EXAONE-3.5's published shapes (the hub's config.json files), in EXAONE's own field names.
+EXAONE_35_SHAPES: dict[str, dict[str, Any]] = {
+    "2.4b": dict(hidden_size=2560, num_layers=30, num_attention_heads=32, num_key_value_heads=8,
+                 intermediate_size=7168, vocab_size=102400, tie_word_embeddings=True),
+    "7.8b": dict(hidden_size=4096, num_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                 intermediate_size=14336, vocab_size=102400, tie_word_embeddings=False),
+    "32b": dict(hidden_size=5120, num_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=27392, vocab_size=102400, tie_word_embeddings=False),
+}
+
+
+def exaone_config(shape: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """An EXAONE 3.5 `config.json` (the hub's fields, names and rope scaling) of the given shape."""
+    return {
+        "activation_function": "silu",
+        "architectures": ["ExaoneForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "embed_dropout": 0.0,
+        "eos_token_id": 361,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05,
+        "max_position_embeddings": 32768,
+        "model_type": "exaone",
+        "pad_token_id": 0,
+        "rope_scaling": {
+            "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3",
+        },
+        "rope_theta": 1000000.0,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        **shape,
+        **fields,
+    }
+
+
+def exaone_weight_shapes(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of an EXAONE 3.x checkpoint, by the name the hub's files give it, in file order."""
+    h, i, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    names = [("transformer.wte.weight", (vocab, h))]
+    for n in range(config["num_layers"]):
+        block = f"transformer.h.{n}."
+        names += [
+            (block + "ln_1.weight", (h,)),
+            (block + "attn.attention.q_proj.weight", (q, h)),
+            (block + "attn.attention.k_proj.weight", (kv, h)),
+            (block + "attn.attention.v_proj.weight", (kv, h)),
+            (block + "attn.attention.out_proj.weight", (h, q)),
+            (block + "ln_2.weight", (h,)),
+            (block + "mlp.c_fc_0.weight", (i, h)),
+            (block + "mlp.c_fc_1.weight", (i, h)),
+            (block + "mlp.c_proj.weight", (h, i)),
+        ]
+    names.append(("transformer.ln_f.weight", (h,)))
+    if not config.get("tie_word_embeddings", False):
+        names.append(("lm_head.weight", (vocab, h)))
+    return names
+
+
+def save_exaone_checkpoint(
+    folder: str | Path,
+    config: dict[str, Any],
+    *,
+    seed: int = 0,
+    std: float | None = None,
+    device: str = "cpu",
+    shard_bytes: int = 4 * 1024**3,
+) -> Path:
+    """Random bf16 weights (normal with `std`, default the config's initializer range; norms at one) saved as
+    EXAONE's hub checkpoints are: `config.json`, safetensors shards under EXAONE's weight names and their index.
+    One shard is in memory at a time, so a model larger than the host's memory, or than twice the disk, is
+    written. Returns the folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    std = config.get("initializer_range", 0.02) if std is None else std
+    shapes = exaone_weight_shapes(config)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in shapes:
+        nbytes = 2 * math.prod(shape)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    generator = torch.Generator(device=device).manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    for index, shard in enumerate(shards, 1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, shape in shard:
+            if len(shape) == 1:
+                tensor = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                tensor = torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16) * std
+            tensors[name] = tensor.cpu().contiguous()
+            weight_map[name] = file
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        del tensors
+    total = sum(2 * math.prod(shape) for _, shape in shapes)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def build_tiny_exaone_model(
+    folder: str | Path, texts: Iterable[str] | None = None, *, hidden_size: int = 64, layers: int = 2, seed: int = 0,
+    tie_word_embeddings: bool = True,
+) -> Path:
+    """A tiny random-weight model in EXAONE 3.5's hub format (`save_exaone_checkpoint`) with the tiny tokenizer
+    and its ids; returns the folder."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer(texts if texts is not None else qa_texts(bilingual_qa_records(1)))
+    shape = dict(
+        hidden_size=hidden_size, num_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=hidden_size * 2, vocab_size=len(tokenizer), tie_word_embeddings=tie_word_embeddings,
+    )
+    config = exaone_config(
+        shape, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None, initializer_range=0.2,  # as build_tiny_model: LoRA can move the logits in a few steps
+    )
+    config["rope_scaling"]["original_max_position_embeddings"] = 1024  # below max_position_embeddings, as the hub's
+    save_exaone_checkpoint(folder, config, seed=seed)
     tokenizer.save_pretrained(folder)
     return folder
 
