@@ -23,12 +23,13 @@ from typing import Any
 from qlora_operator.api import ConditionType, Phase
 from qlora_operator.reporter import Key, Reporter, output_uri
 from qlora_operator.settings import Settings
+from qlora_operator.status import is_rank0
 from qlora_operator.trainer_metrics import (
     METRIC_FIELDS,
-    attempt_note,
     MetricsReader,
     MetricsTrack,
     MetricsUnreadable,
+    attempt_note,
     changed,
     final_fields,
     metrics_status,
@@ -43,38 +44,46 @@ from qlora_operator.trainer_metrics import (
 
 log = logging.getLogger(__name__)
 
-COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-
-
 # ------------------------------------------------------------------------------- reading the pods
 
 def _created(pod: Mapping[str, Any]) -> str:
     return (pod.get("metadata") or {}).get("creationTimestamp") or ""
 
 
-def _rank0(pod: Mapping[str, Any]) -> bool:
-    index = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX)
-    return index in (None, "0")
+def _name(pod: Mapping[str, Any]) -> str | None:
+    return (pod.get("metadata") or {}).get("name")
 
 
 def trainer_pod(pods: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The running rank-0 trainer pod (the newest, if a retry overlaps its predecessor), or None."""
-    running = [p for p in pods if _rank0(p) and (p.get("status") or {}).get("phase") == "Running"
+    running = [p for p in pods if is_rank0(p) and (p.get("status") or {}).get("phase") == "Running"
                and not (p.get("metadata") or {}).get("deletionTimestamp")]
     return max(running, key=_created) if running else None
 
 
-def ended_summary(pods: list[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The termination summary of the newest rank-0 pod, when that pod has ended and left one."""
-    mine = [p for p in pods if _rank0(p)]
-    if not mine:
-        return None
-    newest = max(mine, key=_created)
-    for cs in (newest.get("status") or {}).get("containerStatuses") or ():
+def _termination_message(pod: Mapping[str, Any]) -> str | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or ():
         terminated = (cs.get("state") or {}).get("terminated")
         if terminated:
-            return read_termination_summary(terminated.get("message"))
+            return terminated.get("message") or ""
     return None
+
+
+def ended_summary(pods: list[Mapping[str, Any]], values_pod: str | None = None) -> dict[str, Any] | None:
+    """The termination summary of the newest rank-0 pod that ended and left one, unless the readings the feed
+    holds (`values_pod`'s) come from a pod made after it: then a retry is under way and its values are newer.
+
+    A retry that has not been read yet does not hide the summary: between attempts, the attempt that ended
+    says best where the run stands (its last readings may be older than its SIGTERM checkpoint).
+    """
+    mine = [p for p in pods if is_rank0(p)]
+    ended = [p for p in mine if _termination_message(p) is not None]
+    if not ended:
+        return None
+    last = max(ended, key=_created)
+    if values_pod is not None and any(_name(p) == values_pod and _created(p) > _created(last) for p in mine):
+        return None
+    return read_termination_summary(_termination_message(last))
 
 
 def _checkpoint_base(reporter: Reporter, key: Key, body: Mapping[str, Any]) -> str | None:
@@ -229,7 +238,8 @@ class MetricsFeed:
         key, uid = (meta.get("namespace"), meta.get("name")), meta.get("uid")
         track = self.tracks.get(uid)
         out, moved = merge_metrics(
-            desired, self._previous(key), track, ended_summary(self.reporter.current_pods(key)),
+            desired, self._previous(key), track,
+            ended_summary(self.reporter.current_pods(key), track.values_pod if track is not None else None),
             _checkpoint_base(self.reporter, key, body), now, self.last_patch.get(uid),
             self.settings.status_min_interval, shown_pod=self.shown_pod.get(uid))
         if moved:

@@ -142,7 +142,7 @@ def _pod_finished_at(pod: Mapping[str, Any]) -> str:
     return max(ends, default="")
 
 
-def _rank0(pod: Mapping[str, Any]) -> bool:
+def is_rank0(pod: Mapping[str, Any]) -> bool:
     index = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX)
     return index in (None, "0")
 
@@ -191,6 +191,10 @@ def pod_failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
                 "the trainer was killed for going over its memory limit; raise resources.memory, or lower "
                 "training.batchSize or training.maxLength")
         summary = read_termination_summary(term.get("message"))
+        if summary and summary.get("status") == "Terminated":
+            # Stopped by a SIGTERM after saving a checkpoint: told to stop (its Job failed on another rank, a
+            # suspend, a regroup), not a failure of its own.
+            return None
         said = final_failure(summary) if summary else None
         if said:
             return said[0], one_line(said[1])
@@ -294,7 +298,7 @@ def deciding_failure(failed: Mapping[str, Any], pods: Sequence[Mapping[str, Any]
         for pod, failure in failing:
             if (pod.get("metadata") or {}).get("name") == named.group(2):
                 return failure
-    _, failure = max(failing, key=lambda pf: (_rank0(pf[0]), _pod_finished_at(pf[0]), _pod_time(pf[0])))
+    _, failure = max(failing, key=lambda pf: (is_rank0(pf[0]), _pod_finished_at(pf[0]), _pod_time(pf[0])))
     return failure
 
 

@@ -13,6 +13,7 @@ from qlora_operator import metrics_feed as mf
 from qlora_operator import trainer_metrics as tm
 from qlora_operator.reporter import Reporter
 from qlora_operator.settings import Settings
+from qlora_operator.status import COMPLETION_INDEX
 from qlora_trainer.contract import Phase
 
 NOW = datetime(2026, 11, 27, 22, 0, 0, tzinfo=timezone.utc)
@@ -24,7 +25,7 @@ def pod(name, phase="Running", created="2026-11-27T21:00:00Z", ip="127.5.0.2", i
         deleting=False):
     meta = {"name": name, "namespace": "ml", "creationTimestamp": created}
     if index is not None:
-        meta["annotations"] = {mf.COMPLETION_INDEX: str(index)}
+        meta["annotations"] = {COMPLETION_INDEX: str(index)}
     if deleting:
         meta["deletionTimestamp"] = "2026-11-27T21:59:00Z"
     status = {"phase": phase, "podIP": ip}
@@ -60,16 +61,34 @@ def test_trainer_pod_is_the_newest_running_rank0():
     assert mf.trainer_pod([pod("done", phase="Succeeded")]) is None
 
 
-def test_ended_summary_is_the_newest_pods():
+def test_ended_summary_is_the_newest_ended_pods():
     summary = {"status": "Succeeded", "step": 20, "totalSteps": 20}
     old = pod("a", phase="Failed", created="2026-11-27T21:00:00Z",
               terminated={"exitCode": 137, "message": "Killed"})
     new = pod("b", phase="Succeeded", created="2026-11-27T21:05:00Z",
               terminated={"exitCode": 0, "message": json.dumps(summary)})
     assert mf.ended_summary([old, new]) == summary
-    assert mf.ended_summary([old]) is None
-    assert mf.ended_summary([new, pod("c", created="2026-11-27T21:10:00Z")]) is None  # a retry runs
+    assert mf.ended_summary([old]) is None  # killed: no summary
     assert mf.ended_summary([]) is None
+    retry = pod("c", created="2026-11-27T21:10:00Z")
+    # A retry not read yet leaves the ended attempt's summary standing; once its readings are what the feed
+    # holds, they are newer than any summary.
+    assert mf.ended_summary([new, retry]) == summary
+    assert mf.ended_summary([new, retry], values_pod="b") == summary
+    assert mf.ended_summary([new, retry], values_pod="c") is None
+
+
+def test_between_attempts_the_ended_attempts_summary_wins_over_its_older_reading():
+    # Attempt 1 was last read at step 20, then saved a SIGTERM checkpoint at step 22 and said so in its
+    # summary; the retry's pod exists but has not been read. Status must not go back to 20.
+    evicted = pod("a", phase="Failed", created="2026-11-27T21:00:00Z", terminated={"exitCode": 143, "message": json.dumps(
+        {"status": "Terminated", "step": 22, "totalSteps": 40, "lastCheckpoint": {"step": 22}})})
+    retry = pod("b", phase="Pending", created="2026-11-27T21:10:00Z")
+    track = reading(step=20, total_steps=40, last_checkpoint_step=20, phase=Phase.TRAINING)
+    previous = {"step": 22, "totalSteps": 40, "progress": "55%", "lastCheckpoint": {"step": 22}}
+    summary = mf.ended_summary([evicted, retry], track.values_pod)
+    out, _ = merge({"phase": "Pending", "message": "m"}, previous=previous, track=track, summary=summary)
+    assert out["step"] == 22 and out["lastCheckpoint"]["step"] == 22
 
 
 def test_metric_fields():

@@ -312,9 +312,9 @@ def test_disruptions_are_left_out_of_the_failure_count():
 
 
 def test_a_summary_without_a_failure_keeps_its_json_out_of_the_message():
-    stopped = failed_pod(143, json.dumps({"status": "Terminated", "step": 3}))
-    status = decide(job_=job(("Failed", "BackoffLimitExceeded", "")), pods=[stopped])
-    assert "{" not in status["message"] and "exited with code 143" in status["message"]
+    crashed = failed_pod(1, json.dumps({"status": "Failed", "step": 3}))
+    status = decide(job_=job(("Failed", "BackoffLimitExceeded", "")), pods=[crashed])
+    assert "{" not in status["message"] and "exited with code 1" in status["message"]
 
 
 def ranked(index, code, text, created=T0, finished="2026-11-27T11:59:50Z"):
@@ -335,6 +335,16 @@ def test_multi_node_failure_reason_does_not_depend_on_event_order(order):
     pods = [rank0, rank1] if order == 0 else [rank1, rank0]
     status = decide(job_=job(("Failed", "BackoffLimitExceeded", "")), pods=pods, backoff_limit=0)
     assert "last attempt: DatasetInvalid" in status["message"]
+
+
+def test_a_rank_stopped_by_sigterm_is_not_blamed_for_its_peers_failure():
+    # Rank 1 failed; the Job controller then stopped rank 0, which saved a checkpoint and exited 143.
+    stopped = ranked(0, 143, json.dumps({"status": "Terminated", "reason": None, "exitCode": 143, "step": 9}),
+                     finished="2026-11-27T11:59:58Z")
+    failed = ranked(1, 70, summary("TrainingFailed", "RuntimeError: boom"), finished="2026-11-27T11:59:50Z")
+    status = decide(job_=job(("Failed", "BackoffLimitExceeded", "")), pods=[stopped, failed], backoff_limit=0)
+    assert "failed 1 times" in status["message"] and "last attempt: TrainingFailed" in status["message"]
+    assert "143" not in status["message"]
 
 
 def test_the_pod_named_by_the_pod_failure_policy_decides():
