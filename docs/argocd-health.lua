@@ -74,7 +74,7 @@ elseif phase == "Failed" then
   end
 elseif phase == "Suspended" then
   hs.status = "Suspended"
-  hs.message = status.message or "Fine-tune suspended (spec.suspend is true, or its queue has not admitted it)"
+  hs.message = status.message or "Fine-tune suspended (spec.suspend is true)"
 elseif phase == "Unknown" then
   hs.status = "Unknown"
   hs.message = status.message or "The Job is gone and the run's outcome is unknown"

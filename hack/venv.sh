@@ -46,11 +46,14 @@ if [ ! -f "$stamp" ]; then
 fi
 
 # This checkout's .venv (an older layout linked the shared venv itself as .venv).
+repo=$(pwd -P)
 [ -L .venv ] && rm .venv
-[ -x .venv/bin/python ] || "$python" -m venv --without-pip .venv
+# A checkout that moved keeps a .venv whose activate script names the old place: made again.
+if [ ! -x .venv/bin/python ] || ! grep -qF "$repo/.venv" .venv/bin/activate 2>/dev/null; then
+    "$python" -m venv --clear --without-pip .venv
+fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 shared=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-repo=$(pwd -P)
 pth="import site; site.addsitedir('$shared')
 $repo/operator
 $repo/trainer
@@ -60,5 +63,5 @@ $repo"
 for tool in "$venv"/bin/*; do
     name=$(basename "$tool")
     case "$name" in python*|activate*|pip*|Activate*) continue ;; esac
-    [ -e ".venv/bin/$name" ] || ln -s "$tool" ".venv/bin/$name"
+    [ -e ".venv/bin/$name" ] && [ ! -L ".venv/bin/$name" ] || ln -sfn "$tool" ".venv/bin/$name"
 done
