@@ -60,6 +60,17 @@ def check_optimizer(name: str) -> str:
     return name
 
 
+def check_gpus(gpus: int) -> None:
+    """A run that asks for GPUs sees one; else InvalidConfig saying that `gpus: 0` trains on the CPU (loading a
+    4-bit model would otherwise fail later, as ModelLoadFailed about a missing NVIDIA driver)."""
+    import torch
+
+    if gpus > 0 and not torch.cuda.is_available():
+        raise InvalidConfig(
+            f"gpus: {gpus} (resources.gpus of a QLoRAFinetune), but this machine shows the trainer no GPU "
+            "(no CUDA device or driver): set gpus: 0 to train on the CPU, slowly, or run where a GPU is visible")
+
+
 def micro_batch_size(cfg: TrainerConfig) -> int:
     size = cfg.training.batch_size
     return DEFAULT_AUTO_BATCH_SIZE if size == "auto" else size
@@ -390,6 +401,7 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
     stop = stop or StopOnSignal()
     metrics.set_phase(Phase.LOADING)
     check_optimizer(cfg.training.optimizer)  # fail before the slow part
+    check_gpus(cfg.gpus)
     resume = last_valid_checkpoint(Path(cfg.output.dir) / CHECKPOINTS)
     if resume is not None:
         # Said before the slow load, so that a retry's status shows where it goes on from while it loads.

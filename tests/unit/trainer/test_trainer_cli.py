@@ -124,6 +124,17 @@ def test_unexpected_error_is_training_failed(tmp_path, tiny_model_dir, monkeypat
     assert_failed(code, summary, FailureReason.TRAINING_FAILED, "RuntimeError: the loss went sideways")
 
 
+def test_asking_for_a_gpu_where_none_is_visible_says_gpus_0_trains_on_the_cpu(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine, said for a GPU one too
+    doc = document(tmp_path, tiny_model_dir)
+    doc["gpus"] = 1
+    code, summary = run_main(tmp_path, doc)
+    assert_failed(code, summary, FailureReason.INVALID_CONFIG, "gpus: 1", "no GPU", "set gpus: 0 to train on the CPU")
+    assert not (tmp_path / "out" / "checkpoints").exists()  # refused before anything was loaded
+
+
 def test_termination_message_stays_within_the_limit():
     summary = {"status": "Failed", "reason": "DatasetInvalid", "exitCode": 65, "message": "x" * 10_000,
                "step": 3, "versions": {"torch": "2"}}
