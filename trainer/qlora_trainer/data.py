@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -235,8 +236,21 @@ def _text_field(record: Record, data: dict, canonical: str, fields: dict, requir
     return value
 
 
+def nfc(text: str) -> str:
+    """`text` in Unicode's composed form (NFC). Files exported on macOS often hold Korean in decomposed form
+    (NFD), which tokenizes jamo by jamo, unlike the composed text a model meets at inference."""
+    return unicodedata.normalize("NFC", text)
+
+
 def to_example(record: Record, fmt: str, fields: dict[str, str], system_prompt: str | None) -> list[dict] | str:
-    """A record as chat messages (qa, instruction, chat) or as plain text (text); wrong shapes fail."""
+    """A record as chat messages (qa, instruction, chat) or as plain text (text), in NFC; wrong shapes fail."""
+    example = _example(record, fmt, fields, system_prompt)
+    if isinstance(example, str):
+        return nfc(example)
+    return [{**message, "content": nfc(message["content"])} for message in example]
+
+
+def _example(record: Record, fmt: str, fields: dict[str, str], system_prompt: str | None) -> list[dict] | str:
     data = record.data
     if fmt == "text":
         return _text_field(record, data, "text", fields)

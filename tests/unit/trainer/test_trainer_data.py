@@ -293,3 +293,19 @@ def test_hub_dataset_that_cannot_load_offline_says_so(tokenizer, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DatasetInvalid, match=r"hub dataset nobody/no-such-set \(split train\).*HF_HUB_OFFLINE"):
         prepare_data(DatasetConfig(hf={"name": "nobody/no-such-set"}), tokenizer, 128, seed=1)
+
+
+def test_decomposed_korean_is_trained_as_the_composed_text_seen_at_inference(tmp_path, tokenizer):
+    import unicodedata
+
+    composed = {"question": "진행 상황은 어떻게 보나요?", "answer": "kubectl get qft 를 실행하세요."}
+    decomposed = {k: unicodedata.normalize("NFD", v) for k, v in composed.items()}  # as macOS exports it
+    assert decomposed != composed
+    encoded = []
+    for name, record in (("nfc.jsonl", composed), ("nfd.jsonl", decomposed)):
+        path = write_jsonl(tmp_path / name, [record])
+        encoded.append(prepare_data(DatasetConfig(path=str(path), eval_fraction=0), tokenizer, 128, seed=1).train)
+    assert encoded[1] == encoded[0]
+    csv_path = tmp_path / "nfd.csv"
+    csv_path.write_text(f"question,answer\n{decomposed['question']},{decomposed['answer']}\n", encoding="utf-8")
+    assert prepare_data(DatasetConfig(path=str(csv_path), eval_fraction=0), tokenizer, 128, seed=1).train == encoded[0]
