@@ -27,7 +27,7 @@ _HELP = {
     Metric.TOTAL_STEPS: "Optimizer steps this run will take.",
     Metric.EPOCH: "Epochs done (fractional).",
     Metric.LOSS: "Last training loss logged (mean per answer token over the optimizer steps since the log before).",
-    Metric.EVAL_LOSS: "Last evaluation loss.",
+    Metric.EVAL_LOSS: "Last evaluation loss (mean per answer token over the eval set).",
     Metric.LEARNING_RATE: "Learning rate of the last step.",
     Metric.GRAD_NORM: "Gradient norm of the last step, before clipping.",
     Metric.TOKENS_PER_SECOND: "Useful (non-padding) tokens trained per second since training (re)started.",

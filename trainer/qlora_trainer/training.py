@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import TrainerConfig
 from .contract import Phase
-from .data import collator, prepare_data, split_packed
+from .data import IGNORE_INDEX, collator, prepare_data, split_packed
 from .errors import InvalidConfig
 from . import graphs, speed
 from .metrics import MetricsCallback, TrainerMetrics
@@ -148,6 +148,8 @@ class QLoRATrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.token_budget = token_budget
         self._flops_per_token: float | None = None
+        # [loss summed over answer tokens, answer tokens] of the evaluation under way; None outside one.
+        self._eval_sums: list[float] | None = None
         self._trainable: list | None = None
         self._in_train_mode: Any = None
 
@@ -252,6 +254,42 @@ class QLoRATrainer(Trainer):
             total = loss if total is None else total + loss
         return total
 
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The tokens the batch's mean loss is over: the labels a causal LM scores (shifted by one), counted
+        # before the Trainer may pop them.
+        labels = inputs.get("labels")
+        tokens = int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None else 0
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if loss is not None and self._eval_sums is not None and tokens:
+            self._eval_sums[0] += float(loss) * tokens  # one sync per evaluation batch: evaluation is rare
+            self._eval_sums[1] += tokens
+        return loss, logits, labels
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The Trainer's evaluation, with the eval loss the mean over every answer token of the eval set, as the
+        training loss is, rather than the mean of each batch's mean (which weighs a token of a short batch more
+        than one of a long batch)."""
+        self._eval_sums = [0.0, 0]
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        finally:
+            sums, self._eval_sums = self._eval_sums, None
+        total, tokens = self._summed_everywhere(sums)
+        if tokens:
+            output.metrics[f"{metric_key_prefix}_loss"] = total / tokens
+        return output
+
+    def _summed_everywhere(self, values: list[float]) -> list[float]:
+        """`values` summed over the data-parallel workers."""
+        if self.args.world_size <= 1:
+            return values
+        import torch
+
+        summed = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.args.device), "sum")
+        return summed.tolist()
 
     def _tokens_everywhere(self, tokens: int) -> int:
         """This micro-batch's useful tokens summed over the data-parallel workers (as the Trainer's own

@@ -217,3 +217,31 @@ def test_no_buckets_under_the_fp16_gradient_scaler(tmp_path):
     optimizer = trainer.create_optimizer()
     assert not getattr(optimizer, "_qlora_buckets", None)
     assert len(optimizer.param_groups[0]["params"]) == 8  # A and B of q and v in two blocks, one by one
+
+
+def test_eval_loss_is_the_mean_over_every_answer_token_not_the_mean_of_batch_means(tmp_path):
+    """Batches of very different lengths: one long example alone, then short ones; each token counts once."""
+    model = lora_model()
+    generator = torch.Generator().manual_seed(2)
+
+    def row(length, answer):
+        ids = torch.randint(5, 64, (length,), generator=generator).tolist()
+        return {"input_ids": ids, "labels": [-100] * (length - answer) + ids[length - answer:]}
+
+    evals = [row(60, 50), row(8, 2), row(8, 2), row(8, 2)]
+    trainer = trainer_for(model, tmp_path, per_device_eval_batch_size=1)
+    trainer.eval_dataset = evals
+    got = trainer.evaluate()["eval_loss"]
+
+    model.eval()
+    total = tokens = 0.0
+    means = []
+    with torch.no_grad():
+        for example in evals:
+            ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+            loss = float(model(input_ids=ids, labels=labels).loss)
+            count = int((labels[:, 1:] != -100).sum())
+            total, tokens = total + loss * count, tokens + count
+            means.append(loss)
+    assert got == pytest.approx(total / tokens, rel=1e-5)
+    assert abs(got - sum(means) / len(means)) > 1e-3  # the two differ here, so the test tells them apart
