@@ -106,11 +106,11 @@ async def _resync(op: Operator) -> None:
     reporter = op.reporter
     for round_ in itertools.count(1):
         await asyncio.sleep(RESYNC_SECONDS)
-        if round_ % RELIST_EVERY == 0:
-            try:
+        try:
+            if round_ % RELIST_EVERY == 0:
                 await reporter.relist(op.settings.watch_namespaces or (None,))
-            except ApiError as err:  # the next round tries again; the watches go on meanwhile
-                log.warning("relisting Jobs and pods failed: %s", err)
+        except Exception as err:  # noqa: BLE001 -- the next round tries again; one failure must not end the loop
+            log.warning("relisting Jobs and pods failed: %s: %s", type(err).__name__, err)
         for key in list(reporter.finetunes):
             reporter.poke(key)
 

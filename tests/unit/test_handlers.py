@@ -1,5 +1,9 @@
 """kopf's settings as `handlers.configure` makes them: what the watches ask the API server for."""
 
+import asyncio
+from types import SimpleNamespace
+
+import aiohttp
 import kopf
 from kopf._cogs.structs.references import Resource
 
@@ -20,3 +24,35 @@ def test_the_watches_of_jobs_and_pods_ask_the_api_server_for_ours_only():
     finetunes = Resource(GROUP, VERSION, PLURAL, kind="QLoRAFinetune", namespaced=True)
     assert selector(settings, jobs) == selector(settings, pods) == "qlora.io/finetune"
     assert selector(settings, finetunes) == ""  # every QLoRAFinetune is ours
+
+
+def test_a_resync_pass_that_raises_a_non_api_error_goes_on_to_the_next(monkeypatch):
+    # aiohttp's ServerDisconnectedError is no OSError: the API server restarting during a relist raises it.
+    monkeypatch.setattr(handlers, "RESYNC_SECONDS", 0.0)
+    monkeypatch.setattr(handlers, "RELIST_EVERY", 1)
+
+    class FakeReporter:
+        finetunes: dict = {}
+
+        def __init__(self):
+            self.relists = 0
+
+        async def relist(self, namespaces):
+            self.relists += 1
+            if self.relists == 1:
+                raise aiohttp.ServerDisconnectedError()
+
+    reporter = FakeReporter()
+    op = SimpleNamespace(reporter=reporter, settings=SimpleNamespace(watch_namespaces=()))
+
+    async def scenario():
+        task = asyncio.get_running_loop().create_task(handlers._resync(op))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if reporter.relists >= 2 or task.done():
+                break
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert reporter.relists >= 2
