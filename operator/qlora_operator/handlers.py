@@ -145,7 +145,8 @@ async def _regroup(op: Operator, key: Key | None) -> None:
     """Restart a multi-node run's ranks together when one was replaced alone (regroup.py)."""
     body = op.reporter.finetunes.get(key) if key else None
     job = op.reporter.job_of(key, body["metadata"]["uid"]) if body else None
-    patch = regroup.next_step(job, op.reporter.current_pods(key)) if job else None
+    suspend = bool((body.get("spec") or {}).get("suspend")) if body else False
+    patch = regroup.next_step(job, op.reporter.current_pods(key), suspend) if job else None
     if patch is None:
         return
     meta = job["metadata"]
