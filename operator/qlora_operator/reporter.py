@@ -161,8 +161,10 @@ class Reporter:
         if deleted:
             if _uid(self.jobs.get(key)) == _uid(body):
                 self.jobs.pop(key, None)
-            if finished_job(body):
-                # Its last change and its deletion may come as this one event: keep what it says.
+            known = _uid(self.finetunes.get(key))
+            if finished_job(body) and known is not None and controller_uid(body) == known:
+                # Its last change and its deletion may come as this one event: keep what it says (for the run
+                # it belongs to only; a deleted run's Job would be kept for the operator's lifetime).
                 self.ended_jobs[key] = trim_job(body)
         else:
             self.jobs[key] = trim_job(body)

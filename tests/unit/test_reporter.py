@@ -311,3 +311,18 @@ def test_a_retry_the_quota_refuses_says_so_and_an_older_refusal_is_forgotten():
     before, after = run(scenario())
     assert succeeded(before)["reason"] == "Retrying"
     assert succeeded(after)["reason"] == "QuotaExceeded" and after["phase"] == "Pending"
+
+
+# --------------------------------------------------------------- finished Jobs of runs no longer known
+
+def test_a_finished_job_deleted_after_its_run_is_not_kept():
+    reporter = Reporter(FakeKube(), Settings())
+    # The run's DELETED came first (forget ran); its Job's, finished, comes after.
+    reporter.saw_job(job("uid-1", "job-1", "Complete"), deleted=True)
+    assert reporter.ended_jobs == {}
+    # Known under the name now: another run, whose Job this is not.
+    reporter.saw_finetune(finetune("uid-2"))
+    reporter.saw_job(job("uid-1", "job-1", "Complete"), deleted=True)
+    assert reporter.ended_jobs == {}
+    reporter.saw_job(job("uid-2", "job-2", "Complete"), deleted=True)
+    assert list(reporter.ended_jobs) == [("ml", "bot")]
