@@ -136,6 +136,8 @@ class Reporter:
         self._tasks: dict[Key, asyncio.Task] = {}
         self._dirty: set[Key] = set()
         self._specs: dict[Key, tuple] = {}
+        # A spec check not written yet (its write met a conflict), with the (uid, generation) it is of.
+        self._checks: dict[Key, tuple[tuple, Check]] = {}
         # Uids of the pods already counted in status.attempts.
         self.counted: dict[Key, set[str]] = {}
 
@@ -194,7 +196,7 @@ class Reporter:
 
     def _forget_run(self, key: Key) -> None:
         """Drop what was remembered of the run under `key` (its status, counts, spec, finished Job)."""
-        for store in (self.written, self._specs, self.counted, self.ended_jobs):
+        for store in (self.written, self._specs, self.counted, self.ended_jobs, self._checks):
             store.pop(key, None)
 
     async def relist(self, namespaces: Iterable[str | None]) -> None:
@@ -326,6 +328,12 @@ class Reporter:
             uid = body["metadata"]["uid"]
             raw_spec = body.get("spec") or {}
             spec, parsed = self.spec_of(key, body)
+            # A check stays pending until a refresh writes with it: the retry after a conflict knows it too.
+            generation = (uid, body["metadata"].get("generation"))
+            if check is not None:
+                self._checks[key] = (generation, check)
+            elif (self._checks.get(key) or (None,))[0] == generation:
+                check = self._checks[key][1]
             if spec is None and check is None:
                 check = parsed
             current = self.written.get(key)
@@ -364,6 +372,7 @@ class Reporter:
             if not patch:
                 if self.finetunes.get(key) is body:  # not replaced by another run meanwhile
                     self.counted[key] = counted
+                    self._checks.pop(key, None)
                 return current
             try:
                 # Computed from this object: refused (409) if the name now stands for another, or it changed.
@@ -381,6 +390,8 @@ class Reporter:
                 body["metadata"]["resourceVersion"] = (answer.get("metadata") or {}).get("resourceVersion")
             written = {k: v for k, v in {**current, **patch}.items() if v is not None}
             self.written[key] = written
+            if self.finetunes.get(key) is body:
+                self._checks.pop(key, None)
             self.counted[key] = counted
             self._observe(body, current, written, now)
             event = transition(current, written)

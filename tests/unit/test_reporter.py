@@ -9,9 +9,11 @@ import copy
 
 import pytest
 
+from qlora_operator import reporter as reporter_module
 from qlora_operator.kube import ApiError
 from qlora_operator.reporter import Reporter
 from qlora_operator.settings import Settings
+from qlora_operator.status import Check
 
 NS = "ml"
 SPEC = {"dataset": {"configMap": {"name": "qa", "key": "data.jsonl"}},
@@ -326,3 +328,27 @@ def test_a_finished_job_deleted_after_its_run_is_not_kept():
     assert reporter.ended_jobs == {}
     reporter.saw_job(job("uid-2", "job-2", "Complete"), deleted=True)
     assert list(reporter.ended_jobs) == [("ml", "bot")]
+
+
+# ------------------------------------------------------------ a spec check whose one write met a conflict
+
+def test_a_check_whose_write_meets_a_conflict_is_written_by_the_retry(monkeypatch):
+    monkeypatch.setattr(reporter_module, "CONFLICT_RETRY_SECONDS", 0.0)
+    kube = FakeKube()
+    invalid = Check(False, "InvalidSpec", "the API server refused the Job: bad affinity", terminal=True)
+
+    async def scenario():
+        reporter = reporter_with(kube, finetune())
+        newer = kube.put("QLoRAFinetune", copy.deepcopy(kube.objects[("QLoRAFinetune", "bot")]))
+        assert await reporter.refresh(("ml", "bot"), check=invalid) is None  # 409: the watch has not shown it
+        reporter.saw_finetune(copy.deepcopy(newer))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not reporter._tasks and kube.objects[("QLoRAFinetune", "bot")]["status"]:
+                break
+        await reporter.close()
+
+    run(scenario())
+    status = kube.objects[("QLoRAFinetune", "bot")]["status"]
+    assert status["phase"] == "Failed"
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "SpecValid"] == ["InvalidSpec"]
