@@ -22,7 +22,7 @@ from qlora_operator.api import GROUP, PLURAL, VERSION, QLoRAFinetuneSpec, Reason
 from qlora_operator.checks import check_references, parse_spec
 from qlora_operator.kube import ApiError, Kube
 from qlora_operator.opmetrics import OperatorMetrics
-from qlora_operator.reporter import Key, Reporter, controller_uid, finished_job, parse_time, trim_job
+from qlora_operator.reporter import Key, Reporter, controller_uid, finished_job, parse_time
 from qlora_operator.settings import Settings
 from qlora_operator.status import VALID, Check
 
@@ -155,7 +155,7 @@ async def _regroup(op: Operator, key: Key | None) -> None:
     except ApiError as err:  # the next event of the Job or its pods tries again
         log.warning("regrouping Job %s/%s: %s", meta["namespace"], meta["name"], err)
         return
-    op.reporter.jobs[key] = trim_job(updated)
+    op.reporter.saw_answer(key, updated)
     log.info("Job %s/%s: %s", meta["namespace"], meta["name"], patch)
 
 
@@ -236,7 +236,7 @@ async def _create_children(op: Operator, key: Key, owner: builders.Owner, spec: 
                         max(0.0, (datetime.now(timezone.utc) - created).total_seconds()))
                 log.info("created Job %s/%s", meta["namespace"], meta["name"])
         if kind == "Job":
-            job = op.reporter.jobs[key] = trim_job(made)
+            job = op.reporter.saw_answer(key, made)
     return job
 
 
@@ -259,5 +259,5 @@ async def _sync_job(op: Operator, key: Key, job: dict[str, Any], spec: QLoRAFine
     if patch:
         meta = job["metadata"]
         updated = await op.kube.patch("Job", meta["namespace"], meta["name"], {"spec": patch})
-        op.reporter.jobs[key] = trim_job(updated)
+        op.reporter.saw_answer(key, updated)
         log.info("Job %s/%s: %s", meta["namespace"], meta["name"], patch)

@@ -172,6 +172,15 @@ class Reporter:
             self.jobs[key] = trim_job(body)
         return key
 
+    def saw_answer(self, key: Key, job: Mapping[str, Any]) -> dict[str, Any]:
+        """A Job as an API call answered (created, patched), trimmed; into the view only while the watch has
+        shown nothing of it. Once it has, the view is the watch's: an event that came during the call (a newer
+        change, the Job's deletion) is newer than the answer, and the answer's own change comes as an event."""
+        trimmed = trim_job(job)
+        if _uid(trimmed) not in self._seen:
+            self.jobs[key] = trimmed
+        return trimmed
+
     def saw_pod(self, body: Mapping[str, Any], deleted: bool = False) -> Key | None:
         key = key_of(body)
         if key is None:

@@ -5,10 +5,13 @@ from types import SimpleNamespace
 
 import aiohttp
 import kopf
+import pytest
 from kopf._cogs.structs.references import Resource
 
-from qlora_operator import handlers
+from qlora_operator import handlers, regroup
 from qlora_operator.api import GROUP, PLURAL, VERSION
+from qlora_operator.reporter import Reporter
+from qlora_operator.settings import Settings
 
 
 def selector(settings: kopf.OperatorSettings, resource: Resource) -> str:
@@ -56,3 +59,41 @@ def test_a_resync_pass_that_raises_a_non_api_error_goes_on_to_the_next(monkeypat
 
     asyncio.run(scenario())
     assert reporter.relists >= 2
+
+
+def _regrouping_job():
+    return {"metadata": {"namespace": "ml", "name": "bot", "uid": "job-1", "labels": {"qlora.io/finetune": "bot"},
+                         "annotations": {regroup.ANNOTATION: "rank 1 stopped"},
+                         "ownerReferences": [{"controller": True, "uid": "uid-1"}]},
+            "spec": {"completionMode": "Indexed", "completions": 2, "suspend": True},
+            "status": {"active": 0}}
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "deleted", "changed"])
+def test_a_patch_answer_does_not_undo_what_the_watch_showed_meanwhile(meanwhile):
+    reporter = Reporter(None, Settings())
+    reporter.saw_finetune({"metadata": {"namespace": "ml", "name": "bot", "uid": "uid-1"}, "spec": {}})
+    newer = _regrouping_job() | {"status": {"active": 0, "succeeded": 1}}
+
+    class FakeKube:
+        async def patch(self, kind, namespace, name, patch):
+            answer = _regrouping_job()
+            answer["metadata"]["annotations"] = {}
+            answer["spec"]["suspend"] = False
+            if meanwhile == "deleted":
+                reporter.saw_job(_regrouping_job(), deleted=True)
+            elif meanwhile == "changed":
+                reporter.saw_job(newer)
+            return answer
+
+    op = SimpleNamespace(reporter=reporter, kube=FakeKube())
+    reporter.jobs[("ml", "bot")] = _regrouping_job()  # as the answer to the create, never shown by the watch
+    reporter.poke = lambda key: None
+    asyncio.run(handlers._regroup(op, ("ml", "bot")))
+    view = reporter.jobs.get(("ml", "bot"))
+    if meanwhile == "deleted":
+        assert view is None
+    elif meanwhile == "changed":
+        assert view["status"] == newer["status"]
+    else:
+        assert view["spec"]["suspend"] is False  # the answer is all there is to know of it
