@@ -22,7 +22,7 @@ from qlora_operator.api import GROUP, PLURAL, VERSION, QLoRAFinetuneSpec, Reason
 from qlora_operator.checks import check_references, parse_spec
 from qlora_operator.kube import ApiError, Kube
 from qlora_operator.opmetrics import OperatorMetrics
-from qlora_operator.reporter import Key, Reporter, controller_uid, finished_job, parse_time, trim_job
+from qlora_operator.reporter import Key, Reporter, controller_uid, finished_job, parse_time
 from qlora_operator.settings import Settings
 from qlora_operator.status import VALID, Check
 
@@ -106,11 +106,11 @@ async def _resync(op: Operator) -> None:
     reporter = op.reporter
     for round_ in itertools.count(1):
         await asyncio.sleep(RESYNC_SECONDS)
-        if round_ % RELIST_EVERY == 0:
-            try:
+        try:
+            if round_ % RELIST_EVERY == 0:
                 await reporter.relist(op.settings.watch_namespaces or (None,))
-            except ApiError as err:  # the next round tries again; the watches go on meanwhile
-                log.warning("relisting Jobs and pods failed: %s", err)
+        except Exception as err:  # noqa: BLE001 -- the next round tries again; one failure must not end the loop
+            log.warning("relisting Jobs and pods failed: %s: %s", type(err).__name__, err)
         for key in list(reporter.finetunes):
             reporter.poke(key)
 
@@ -145,7 +145,8 @@ async def _regroup(op: Operator, key: Key | None) -> None:
     """Restart a multi-node run's ranks together when one was replaced alone (regroup.py)."""
     body = op.reporter.finetunes.get(key) if key else None
     job = op.reporter.job_of(key, body["metadata"]["uid"]) if body else None
-    patch = regroup.next_step(job, op.reporter.current_pods(key)) if job else None
+    suspend = bool((body.get("spec") or {}).get("suspend")) if body else False
+    patch = regroup.next_step(job, op.reporter.current_pods(key), suspend) if job else None
     if patch is None:
         return
     meta = job["metadata"]
@@ -154,7 +155,7 @@ async def _regroup(op: Operator, key: Key | None) -> None:
     except ApiError as err:  # the next event of the Job or its pods tries again
         log.warning("regrouping Job %s/%s: %s", meta["namespace"], meta["name"], err)
         return
-    op.reporter.jobs[key] = trim_job(updated)
+    op.reporter.saw_answer(key, updated)
     log.info("Job %s/%s: %s", meta["namespace"], meta["name"], patch)
 
 
@@ -235,7 +236,7 @@ async def _create_children(op: Operator, key: Key, owner: builders.Owner, spec: 
                         max(0.0, (datetime.now(timezone.utc) - created).total_seconds()))
                 log.info("created Job %s/%s", meta["namespace"], meta["name"])
         if kind == "Job":
-            job = op.reporter.jobs[key] = trim_job(made)
+            job = op.reporter.saw_answer(key, made)
     return job
 
 
@@ -258,5 +259,5 @@ async def _sync_job(op: Operator, key: Key, job: dict[str, Any], spec: QLoRAFine
     if patch:
         meta = job["metadata"]
         updated = await op.kube.patch("Job", meta["namespace"], meta["name"], {"spec": patch})
-        op.reporter.jobs[key] = trim_job(updated)
+        op.reporter.saw_answer(key, updated)
         log.info("Job %s/%s: %s", meta["namespace"], meta["name"], patch)

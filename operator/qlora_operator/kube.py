@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 from kubernetes.aio import client as kclient
 from kubernetes.aio import config as kconfig
 from kubernetes.aio.client.exceptions import ApiException
@@ -119,7 +120,7 @@ class Kube:
         except ApiException as err:
             status = err.status or 0
             raise _api_error(err.status or 0, err.reason or "", err.body) from None
-        except (OSError, TimeoutError) as err:  # connection refused/reset, DNS, timeouts
+        except (OSError, TimeoutError, aiohttp.ClientError) as err:  # refused/reset, DNS, timeouts, disconnects
             raise ApiError(0, type(err).__name__, str(err)) from None
         finally:
             if self.observe is not None:

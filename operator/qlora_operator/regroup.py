@@ -7,7 +7,7 @@ suspends the Job (the Job controller stops every pod, each trainer saves a check
 as a failure), and once no pod is left it resumes the Job, whose ranks then start and meet together, from
 the last checkpoint. The Job carries the annotation `qlora.io/regroup` (why) in between.
 
-Pure: `next_step(job, pods)` says what to patch on the Job, if anything; the handlers patch it.
+Pure: `next_step(job, pods, suspend)` says what to patch on the Job, if anything; the handlers patch it.
 """
 
 from __future__ import annotations
@@ -59,12 +59,14 @@ def stranded(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> str |
     return None
 
 
-def next_step(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def next_step(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
+              suspend: bool = False) -> dict[str, Any] | None:
     """The merge patch of the Job for the next step of a regroup, or None.
 
     Suspend it (annotated with why) when its ranks are stranded; resume it (annotation removed) once a
-    regrouping Job has no pod left that runs or is stopping. A Job of a Kueue queue is left to Kueue, which
-    owns its `suspend`; a finished Job, or one suspended by the user, is left alone.
+    regrouping Job has no pod left that runs or is stopping, unless the resource's spec says `suspend`
+    (set during the regroup): then the regroup only ends, and the Job stays suspended. A Job of a Kueue queue
+    is left to Kueue, which owns its `suspend`; a finished Job, or one suspended by the user, is left alone.
     """
     meta, spec = job.get("metadata") or {}, job.get("spec") or {}
     if finished_job(job) or LABEL_KUEUE_QUEUE in (meta.get("labels") or {}):
@@ -72,7 +74,8 @@ def next_step(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> dict
     if (meta.get("annotations") or {}).get(ANNOTATION):
         stopping = [p for p in pods if (p.get("status") or {}).get("phase") not in ("Failed", "Succeeded")]
         if spec.get("suspend") and not stopping and not (job.get("status") or {}).get("active"):
-            return {"metadata": {"annotations": {ANNOTATION: None}}, "spec": {"suspend": False}}
+            end = {"metadata": {"annotations": {ANNOTATION: None}}}
+            return end if suspend else end | {"spec": {"suspend": False}}
         return None
     if spec.get("suspend"):
         return None

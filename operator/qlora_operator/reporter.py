@@ -136,6 +136,8 @@ class Reporter:
         self._tasks: dict[Key, asyncio.Task] = {}
         self._dirty: set[Key] = set()
         self._specs: dict[Key, tuple] = {}
+        # A spec check not written yet (its write met a conflict), with the (uid, generation) it is of.
+        self._checks: dict[Key, tuple[tuple, Check]] = {}
         # Uids of the pods already counted in status.attempts.
         self.counted: dict[Key, set[str]] = {}
 
@@ -161,12 +163,23 @@ class Reporter:
         if deleted:
             if _uid(self.jobs.get(key)) == _uid(body):
                 self.jobs.pop(key, None)
-            if finished_job(body):
-                # Its last change and its deletion may come as this one event: keep what it says.
+            known = _uid(self.finetunes.get(key))
+            if finished_job(body) and known is not None and controller_uid(body) == known:
+                # Its last change and its deletion may come as this one event: keep what it says (for the run
+                # it belongs to only; a deleted run's Job would be kept for the operator's lifetime).
                 self.ended_jobs[key] = trim_job(body)
         else:
             self.jobs[key] = trim_job(body)
         return key
+
+    def saw_answer(self, key: Key, job: Mapping[str, Any]) -> dict[str, Any]:
+        """A Job as an API call answered (created, patched), trimmed; into the view only while the watch has
+        shown nothing of it. Once it has, the view is the watch's: an event that came during the call (a newer
+        change, the Job's deletion) is newer than the answer, and the answer's own change comes as an event."""
+        trimmed = trim_job(job)
+        if _uid(trimmed) not in self._seen:
+            self.jobs[key] = trimmed
+        return trimmed
 
     def saw_pod(self, body: Mapping[str, Any], deleted: bool = False) -> Key | None:
         key = key_of(body)
@@ -192,7 +205,7 @@ class Reporter:
 
     def _forget_run(self, key: Key) -> None:
         """Drop what was remembered of the run under `key` (its status, counts, spec, finished Job)."""
-        for store in (self.written, self._specs, self.counted, self.ended_jobs):
+        for store in (self.written, self._specs, self.counted, self.ended_jobs, self._checks):
             store.pop(key, None)
 
     async def relist(self, namespaces: Iterable[str | None]) -> None:
@@ -324,6 +337,12 @@ class Reporter:
             uid = body["metadata"]["uid"]
             raw_spec = body.get("spec") or {}
             spec, parsed = self.spec_of(key, body)
+            # A check stays pending until a refresh writes with it: the retry after a conflict knows it too.
+            generation = (uid, body["metadata"].get("generation"))
+            if check is not None:
+                self._checks[key] = (generation, check)
+            elif (self._checks.get(key) or (None,))[0] == generation:
+                check = self._checks[key][1]
             if spec is None and check is None:
                 check = parsed
             current = self.written.get(key)
@@ -362,6 +381,7 @@ class Reporter:
             if not patch:
                 if self.finetunes.get(key) is body:  # not replaced by another run meanwhile
                     self.counted[key] = counted
+                    self._checks.pop(key, None)
                 return current
             try:
                 # Computed from this object: refused (409) if the name now stands for another, or it changed.
@@ -379,6 +399,8 @@ class Reporter:
                 body["metadata"]["resourceVersion"] = (answer.get("metadata") or {}).get("resourceVersion")
             written = {k: v for k, v in {**current, **patch}.items() if v is not None}
             self.written[key] = written
+            if self.finetunes.get(key) is body:
+                self._checks.pop(key, None)
             self.counted[key] = counted
             self._observe(body, current, written, now)
             event = transition(current, written)

@@ -84,3 +84,12 @@ def test_a_regrouping_run_says_so_and_is_not_suspended_by_the_user():
     assert status["phase"] == "Pending"
     succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
     assert succeeded["reason"] == "Regrouping" and "restarting all ranks together" in status["message"]
+
+
+def test_a_regroup_leaves_the_job_suspended_when_the_spec_says_suspend():
+    # The user set spec.suspend while the ranks were stopping: the regroup ends, and the Job stays suspended.
+    suspended = job(suspend=True, annotation="rank 1 stopped", active=0)
+    stopping = rank(0, deleting="2026-11-27T12:32:00Z")
+    assert regroup.next_step(suspended, [stopping], suspend=True) is None  # still stopping
+    assert regroup.next_step(suspended, [PREEMPTED_LATER], suspend=True) == {
+        "metadata": {"annotations": {regroup.ANNOTATION: None}}}

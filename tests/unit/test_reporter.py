@@ -9,9 +9,11 @@ import copy
 
 import pytest
 
+from qlora_operator import reporter as reporter_module
 from qlora_operator.kube import ApiError
 from qlora_operator.reporter import Reporter
 from qlora_operator.settings import Settings
+from qlora_operator.status import Check
 
 NS = "ml"
 SPEC = {"dataset": {"configMap": {"name": "qa", "key": "data.jsonl"}},
@@ -311,3 +313,42 @@ def test_a_retry_the_quota_refuses_says_so_and_an_older_refusal_is_forgotten():
     before, after = run(scenario())
     assert succeeded(before)["reason"] == "Retrying"
     assert succeeded(after)["reason"] == "QuotaExceeded" and after["phase"] == "Pending"
+
+
+# --------------------------------------------------------------- finished Jobs of runs no longer known
+
+def test_a_finished_job_deleted_after_its_run_is_not_kept():
+    reporter = Reporter(FakeKube(), Settings())
+    # The run's DELETED came first (forget ran); its Job's, finished, comes after.
+    reporter.saw_job(job("uid-1", "job-1", "Complete"), deleted=True)
+    assert reporter.ended_jobs == {}
+    # Known under the name now: another run, whose Job this is not.
+    reporter.saw_finetune(finetune("uid-2"))
+    reporter.saw_job(job("uid-1", "job-1", "Complete"), deleted=True)
+    assert reporter.ended_jobs == {}
+    reporter.saw_job(job("uid-2", "job-2", "Complete"), deleted=True)
+    assert list(reporter.ended_jobs) == [("ml", "bot")]
+
+
+# ------------------------------------------------------------ a spec check whose one write met a conflict
+
+def test_a_check_whose_write_meets_a_conflict_is_written_by_the_retry(monkeypatch):
+    monkeypatch.setattr(reporter_module, "CONFLICT_RETRY_SECONDS", 0.0)
+    kube = FakeKube()
+    invalid = Check(False, "InvalidSpec", "the API server refused the Job: bad affinity", terminal=True)
+
+    async def scenario():
+        reporter = reporter_with(kube, finetune())
+        newer = kube.put("QLoRAFinetune", copy.deepcopy(kube.objects[("QLoRAFinetune", "bot")]))
+        assert await reporter.refresh(("ml", "bot"), check=invalid) is None  # 409: the watch has not shown it
+        reporter.saw_finetune(copy.deepcopy(newer))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not reporter._tasks and kube.objects[("QLoRAFinetune", "bot")]["status"]:
+                break
+        await reporter.close()
+
+    run(scenario())
+    status = kube.objects[("QLoRAFinetune", "bot")]["status"]
+    assert status["phase"] == "Failed"
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "SpecValid"] == ["InvalidSpec"]
