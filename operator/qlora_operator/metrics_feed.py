@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from qlora_operator.api import ConditionType, Phase
-from qlora_operator.reporter import Key, Reporter, output_uri
+from qlora_operator.reporter import Key, Reporter, output_uri, uid_of
 from qlora_operator.settings import Settings
 from qlora_operator.status import is_rank0
 from qlora_operator.trainer_metrics import (
@@ -90,10 +90,6 @@ def _checkpoint_base(reporter: Reporter, key: Key, body: Mapping[str, Any]) -> s
     """Where the run's checkpoints are, from the spec the reporter parsed once for this generation."""
     spec, _ = reporter.spec_of(key, body)
     return output_uri(spec) if spec else None
-
-
-def _uid(body: Mapping[str, Any] | None) -> str | None:
-    return ((body or {}).get("metadata") or {}).get("uid")
 
 
 def metric_fields(status: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -192,14 +188,14 @@ class MetricsFeed:
     async def tick(self) -> None:
         """Read every running trainer once; poke the resources whose status would change."""
         reporter = self.reporter
-        for gone in set(self.tracks) - {_uid(body) for body in reporter.finetunes.values()}:
+        for gone in set(self.tracks) - {uid_of(body) for body in reporter.finetunes.values()}:
             for memory in (self.tracks, self.last_patch, self.shown_pod):
                 memory.pop(gone, None)
         reads = []
         for key, body in list(reporter.finetunes.items()):
             pod = trainer_pod(reporter.current_pods(key))
             if pod is not None:
-                reads.append(self._read(key, _uid(body), pod))
+                reads.append(self._read(key, uid_of(body), pod))
         for key in await asyncio.gather(*reads):
             if key is not None:
                 reporter.poke(key)
@@ -215,7 +211,7 @@ class MetricsFeed:
             sample, error = None, str(err)
             log.debug("metrics of %s/%s: %s", namespace, name, error)
         body = self.reporter.finetunes.get(key)
-        if body is None or _uid(body) != uid:
+        if body is None or uid_of(body) != uid:
             return None  # deleted (or made again) while it was read
         before = self.tracks.get(uid) or MetricsTrack()
         track = self.tracks[uid] = observe(before, meta.get("name"), now, sample=sample, error=error)

@@ -18,11 +18,7 @@ from typing import Any
 from qlora_operator.builders import ANNOTATION_REGROUP as ANNOTATION
 from qlora_operator.builders import LABEL_KUEUE_QUEUE
 from qlora_operator.reporter import finished_job
-from qlora_operator.status import COMPLETION_INDEX, started_at
-
-
-def _index(pod: Mapping[str, Any]) -> str | None:
-    return ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX)
+from qlora_operator.status import completion_index, pod_finished_at, started_at
 
 
 def _ended_at(pod: Mapping[str, Any]) -> str | None:
@@ -30,9 +26,7 @@ def _ended_at(pod: Mapping[str, Any]) -> str | None:
     was asked for (a preemption or an eviction in progress); None while it is part of it."""
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
     if status.get("phase") == "Failed":
-        ends = [((cs.get("state") or {}).get("terminated") or {}).get("finishedAt") or ""
-                for cs in status.get("containerStatuses") or ()]
-        return max(ends, default="") or meta.get("deletionTimestamp") or meta.get("creationTimestamp") or ""
+        return pod_finished_at(pod) or meta.get("deletionTimestamp") or meta.get("creationTimestamp") or ""
     return meta.get("deletionTimestamp")
 
 
@@ -53,9 +47,9 @@ def stranded(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> str |
         started = started_at(pod)
         for peer in pods:
             ended = _ended_at(peer)
-            if _index(peer) != _index(pod) and ended and ended > started:
-                return (f"rank {_index(peer)} stopped while rank {_index(pod)} ran; restarting all ranks together "
-                        "from the last checkpoint")
+            if completion_index(peer) != completion_index(pod) and ended and ended > started:
+                return (f"rank {completion_index(peer)} stopped while rank {completion_index(pod)} ran; restarting "
+                        "all ranks together from the last checkpoint")
     return None
 
 

@@ -103,7 +103,7 @@ def finished_job(job: Mapping[str, Any]) -> bool:
                and c.get("status") == "True" for c in (job.get("status") or {}).get("conditions") or ())
 
 
-def _uid(obj: Mapping[str, Any] | None) -> str | None:
+def uid_of(obj: Mapping[str, Any] | None) -> str | None:
     return ((obj or {}).get("metadata") or {}).get("uid")
 
 
@@ -145,12 +145,12 @@ class Reporter:
 
     def saw_finetune(self, body: Mapping[str, Any], deleted: bool = False) -> Key:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        known = _uid(self.finetunes.get(key))
+        known = uid_of(self.finetunes.get(key))
         if deleted:
-            if known in (None, _uid(body)):  # an older object's late DELETED leaves its successor alone
+            if known in (None, uid_of(body)):  # an older object's late DELETED leaves its successor alone
                 self.forget(key)
             return key
-        if known is not None and known != _uid(body):
+        if known is not None and known != uid_of(body):
             self._forget_run(key)  # the name now stands for another run: nothing of the old one carries over
         self.finetunes[key] = trim_finetune(body)
         return key
@@ -159,11 +159,11 @@ class Reporter:
         key = key_of(body)
         if key is None:
             return None
-        self._seen.add(_uid(body))
+        self._seen.add(uid_of(body))
         if deleted:
-            if _uid(self.jobs.get(key)) == _uid(body):
+            if uid_of(self.jobs.get(key)) == uid_of(body):
                 self.jobs.pop(key, None)
-            known = _uid(self.finetunes.get(key))
+            known = uid_of(self.finetunes.get(key))
             if finished_job(body) and known is not None and controller_uid(body) == known:
                 # Its last change and its deletion may come as this one event: keep what it says (for the run
                 # it belongs to only; a deleted run's Job would be kept for the operator's lifetime).
@@ -177,7 +177,7 @@ class Reporter:
         shown nothing of it. Once it has, the view is the watch's: an event that came during the call (a newer
         change, the Job's deletion) is newer than the answer, and the answer's own change comes as an event."""
         trimmed = trim_job(job)
-        if _uid(trimmed) not in self._seen:
+        if uid_of(trimmed) not in self._seen:
             self.jobs[key] = trimmed
         return trimmed
 
@@ -185,10 +185,10 @@ class Reporter:
         key = key_of(body)
         if key is None:
             return None
-        self._seen.add(_uid(body))
+        self._seen.add(uid_of(body))
         pods = self.pods.setdefault(key, {})
         if deleted:
-            if _uid(pods.get(body["metadata"]["name"])) in (None, _uid(body)):
+            if uid_of(pods.get(body["metadata"]["name"])) in (None, uid_of(body)):
                 pods.pop(body["metadata"]["name"], None)
             if not pods:
                 self.pods.pop(key, None)
@@ -222,26 +222,26 @@ class Reporter:
             jobs += await self.kube.list("Job", namespace, builders.LABEL_FINETUNE)
             pods += await self.kube.list("Pod", namespace, builders.LABEL_FINETUNE)
         changed: set[Key] = set()
-        listed = {_uid(o) for o in jobs + pods}
+        listed = {uid_of(o) for o in jobs + pods}
         for key, job in list(self.jobs.items()):
-            if _uid(job) not in listed and _uid(job) not in self._seen:
+            if uid_of(job) not in listed and uid_of(job) not in self._seen:
                 del self.jobs[key]
                 changed.add(key)
         for key, by_name in list(self.pods.items()):
             for name, pod in list(by_name.items()):
-                if _uid(pod) not in listed and _uid(pod) not in self._seen:
+                if uid_of(pod) not in listed and uid_of(pod) not in self._seen:
                     del by_name[name]
                     changed.add(key)
             if not by_name:
                 del self.pods[key]
         for job in jobs:
             key = key_of(job)
-            if key is not None and _uid(job) not in self._seen and _uid(self.jobs.get(key)) != _uid(job):
+            if key is not None and uid_of(job) not in self._seen and uid_of(self.jobs.get(key)) != uid_of(job):
                 changed.add(self.saw_job(job))
         for pod in pods:
             key = key_of(pod)
-            if key is not None and _uid(pod) not in self._seen and \
-                    _uid((self.pods.get(key) or {}).get(pod["metadata"]["name"])) != _uid(pod):
+            if key is not None and uid_of(pod) not in self._seen and \
+                    uid_of((self.pods.get(key) or {}).get(pod["metadata"]["name"])) != uid_of(pod):
                 changed.add(self.saw_pod(pod))
         for key in changed:
             if key in self.finetunes:
@@ -261,7 +261,7 @@ class Reporter:
 
     def current_job(self, key: Key) -> dict[str, Any] | None:
         """The Job of the resource now under `key`: the live one, else the last body of its finished Job."""
-        uid = _uid(self.finetunes.get(key))
+        uid = uid_of(self.finetunes.get(key))
         if uid is None:
             return None
         ended = self.ended_jobs.get(key)
@@ -270,7 +270,7 @@ class Reporter:
     def current_pods(self, key: Key) -> list[dict[str, Any]]:
         """The pods of the current Job only: a deleted run's pods, still terminating under the same name,
         belong to another Job."""
-        job_uid = _uid(self.current_job(key))
+        job_uid = uid_of(self.current_job(key))
         if job_uid is None:
             return []
         return [p for p in (self.pods.get(key) or {}).values() if controller_uid(p) == job_uid]
@@ -353,7 +353,7 @@ class Reporter:
                 # The watch may not have shown it yet (just created, operator just started): ask. A finished
                 # run's Job is gone for good (its TTL): asking every resync would cost a GET a minute a run.
                 fetched = await self.kube.get("Job", namespace, builders.job_name(name))
-                if fetched is not None and controller_uid(fetched) == uid and _uid(self.finetunes.get(key)) == uid:
+                if fetched is not None and controller_uid(fetched) == uid and uid_of(self.finetunes.get(key)) == uid:
                     job = self.jobs[key] = trim_job(fetched)
             pods = self.current_pods(key) if job is not None else []
             create_failure = await self._create_failure(job, pods)
@@ -395,7 +395,7 @@ class Reporter:
                     asyncio.get_running_loop().call_later(CONFLICT_RETRY_SECONDS, self.poke, key)
                     return None
                 raise
-            if _uid(answer) == uid and self.finetunes.get(key) is body:
+            if uid_of(answer) == uid and self.finetunes.get(key) is body:
                 body["metadata"]["resourceVersion"] = (answer.get("metadata") or {}).get("resourceVersion")
             written = {k: v for k, v in {**current, **patch}.items() if v is not None}
             self.written[key] = written

@@ -135,16 +135,20 @@ def _pod_time(pod: Mapping[str, Any]) -> str:
     return (pod.get("metadata") or {}).get("creationTimestamp") or ""
 
 
-def _pod_finished_at(pod: Mapping[str, Any]) -> str:
+def pod_finished_at(pod: Mapping[str, Any]) -> str:
     """When the pod's last container ended ("" while none has)."""
     ends = [((cs.get("state") or {}).get("terminated") or {}).get("finishedAt") or ""
             for cs in _container_statuses(pod)]
     return max(ends, default="")
 
 
+def completion_index(pod: Mapping[str, Any]) -> str | None:
+    """The rank of an Indexed Job's pod (its completion index), or None for a pod of a plain Job."""
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX)
+
+
 def is_rank0(pod: Mapping[str, Any]) -> bool:
-    index = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX)
-    return index in (None, "0")
+    return completion_index(pod) in (None, "0")
 
 
 # ------------------------------------------------------------------------------- reading the pods
@@ -262,7 +266,7 @@ def _interrupted(pods: Sequence[Mapping[str, Any]]) -> Verdict | None:
             or (p.get("metadata") or {}).get("deletionTimestamp")]
     if not gone:
         return None
-    newest = max(gone, key=lambda p: (_pod_time(p), _pod_finished_at(p)))
+    newest = max(gone, key=lambda p: (_pod_time(p), pod_finished_at(p)))
     what = disruption(newest)
     if what is None:
         return None
@@ -286,11 +290,11 @@ def _running(pod: Mapping[str, Any]) -> bool:
 _POLICY_POD = re.compile(r"\bfor pod ([^/\s]+)/([^\s]+)")
 
 
-def deciding_failure(failed: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
-    """The failure that explains a failed Job, whatever order the pods' events came in: the pod the Job's
-    pod-failure policy names in its condition, else rank 0's (the others often fail because it did), else
-    the one that ended last."""
-    failing = [(p, f) for p, f in ((p, pod_failure(p)) for p in pods) if f]
+def deciding_failure(failed: Mapping[str, Any],
+                     failing: Sequence[tuple[Mapping[str, Any], tuple[str, str]]]) -> tuple[str, str] | None:
+    """The failure that explains a failed Job, of the (pod, pod_failure) pairs of its failed pods, whatever
+    order the pods' events came in: the pod the Job's pod-failure policy names in its condition, else rank 0's
+    (the others often fail because it did), else the one that ended last."""
     if not failing:
         return None
     named = _POLICY_POD.search(failed.get("message") or "") if failed.get("reason") == "PodFailurePolicy" else None
@@ -298,15 +302,16 @@ def deciding_failure(failed: Mapping[str, Any], pods: Sequence[Mapping[str, Any]
         for pod, failure in failing:
             if (pod.get("metadata") or {}).get("name") == named.group(2):
                 return failure
-    _, failure = max(failing, key=lambda pf: (is_rank0(pf[0]), _pod_finished_at(pf[0]), _pod_time(pf[0])))
+    _, failure = max(failing, key=lambda pf: (is_rank0(pf[0]), pod_finished_at(pf[0]), _pod_time(pf[0])))
     return failure
 
 
 def verdict_of_failed_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
                           failed: Mapping[str, Any], backoff_limit: int) -> Verdict:
     job_reason = failed.get("reason") or "JobFailed"
-    failures = [f for f in (pod_failure(p) for p in pods) if f]
-    last = deciding_failure(failed, pods)
+    failing = [(p, f) for p, f in ((p, pod_failure(p)) for p in pods) if f]
+    failures = [f for _, f in failing]
+    last = deciding_failure(failed, failing)
     if job_reason == "DeadlineExceeded":
         deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
         return Verdict(Phase.FAILED.value, Reason.DEADLINE_EXCEEDED.value, one_line(
