@@ -417,7 +417,7 @@ def observe(track: MetricsTrack, pod: str, now: datetime, sample: TrainerSample 
     if pending and sample.last_checkpoint_step:
         resumed, pending = sample.last_checkpoint_step, False
     elif pending and sample.phase not in (None, Phase.LOADING):
-        started_over, pending = not sample.last_checkpoint_step, False
+        started_over, pending = True, False  # training, and no checkpoint said where it went on from
     return replace(track, last_good=sample, last_good_at=now, stale_since=None, error=None, values_pod=pod,
                    resumed_from=resumed, started_over=started_over, retry_pending=pending)
 

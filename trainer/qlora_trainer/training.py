@@ -254,7 +254,6 @@ class QLoRATrainer(Trainer):
             total = loss if total is None else total + loss
         return total
 
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # The tokens the batch's mean loss is over: the labels a causal LM scores (shifted by one), counted
         # before the Trainer may pop them.
@@ -294,11 +293,7 @@ class QLoRATrainer(Trainer):
     def _tokens_everywhere(self, tokens: int) -> int:
         """This micro-batch's useful tokens summed over the data-parallel workers (as the Trainer's own
         `include_num_input_tokens_seen` does), so every rank reports the run's total."""
-        if self.args.world_size <= 1:
-            return tokens
-        import torch
-
-        return int(self.accelerator.gather(torch.tensor([tokens], device=self.args.device)).sum())
+        return int(self._summed_everywhere([tokens])[0])
 
 
 def _zero_grads_of(parameters):
