@@ -35,12 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling modules, whether this runs as a script or is imported by tests
+import node  # noqa: E402
+import nodebuild  # noqa: E402
+
 REPO = HERE.parent.parent
 MARKER = ".localcluster"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "nodeagent")
-LOCALKUBE_NAMES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
-SERVICE_CIDR = "10.0.0.0/24"
-NODE_NAME = "localnode"
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# What runs the pods: the real node (kubelet, containerd, runc), the older stand-in, or no node at all.
+NODE_KINDS = {"real": node.COMPONENTS, "standin": ("nodeagent",), "none": ()}
+LOCALKUBE_NAMES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy")
+SERVICE_CIDR = node.SERVICE_CIDR
+NODE_NAME = node.NODE_NAME
 STORAGE_CLASS = "local-path"
 
 
@@ -110,9 +116,16 @@ def cached_bin_dir(src: Path = HERE) -> Path | None:
     """The newest complete cache entry for these inputs under any Go version, when Go is absent."""
     entries = sorted(cache_root().glob("*/bin/.complete"), key=lambda p: p.stat().st_mtime, reverse=True)
     for marker in entries:
-        if json.loads(marker.read_text()).get("inputs") == build_key(src):
+        if json.loads(marker.read_text()).get("inputs") == build_key(src, json.dumps(go_targets(src))):
             return marker.parent
     return None
+
+
+def go_targets(src: Path) -> list[tuple[str, str, str, dict]]:
+    """(binary, module folder under src, package, extra environment) of each program built here."""
+    # pause runs alone in its image: static, with no C library to find
+    return [("localkube", ".", "./cmd/localkube", {}), ("helm", ".", "helm.sh/helm/v3/cmd/helm", {}),
+            ("etcd", "etcd", ".", {}), ("pause", ".", "./cmd/pause", {"CGO_ENABLED": "0"})]
 
 
 def build(src: Path = HERE) -> tuple[Path, list[str]]:
@@ -128,7 +141,8 @@ def build(src: Path = HERE) -> tuple[Path, list[str]]:
             "to PATH; or `apt-get install golang-1.26`), or point GO=/path/to/go at it, then run again.")
     version = go_version(go)
     flags = ldflags(src)
-    key = build_key(src, version + flags)
+    targets = go_targets(src)
+    key = build_key(src, version + flags + json.dumps(targets))
     out = cache_root() / key / "bin"
     complete = out / ".complete"
     if complete.exists():
@@ -141,21 +155,31 @@ def build(src: Path = HERE) -> tuple[Path, list[str]]:
         tmp = out.parent / "bin.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        targets = [("localkube", src, "./cmd/localkube"), ("helm", src, "helm.sh/helm/v3/cmd/helm"),
-                   ("etcd", src / "etcd", ".")]
         timings = {}
-        for name, moddir, pkg in targets:
+        for name, moddir, pkg, env in targets:
             say(f"building {name} with {version} (the first build takes a long while; it is cached in {out})")
             t0 = time.monotonic()
             cmd = [go, "build", "-trimpath", f"-ldflags={flags}", "-o", str(tmp / name), pkg]
-            proc = subprocess.run(cmd, cwd=moddir, capture_output=True, text=True)
+            proc = subprocess.run(cmd, cwd=src / moddir, capture_output=True, text=True, env={**os.environ, **env})
             if proc.returncode != 0:
                 raise ClusterError(f"`{' '.join(cmd)}` in {moddir} failed:\n{proc.stderr[-4000:]}")
             timings[name] = round(time.monotonic() - t0, 1)
-        (tmp / ".complete").write_text(json.dumps({"go": version, "inputs": build_key(src), "seconds": timings}))
+        (tmp / ".complete").write_text(json.dumps({"go": version, "inputs": build_key(src, json.dumps(targets)), "seconds": timings}))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-        return out, [name for name, _, _ in targets]
+        return out, [name for name, *_ in targets]
+
+
+def build_node_bins() -> Path:
+    """containerd, runc and the CNI plugins (nodebuild.py), built once per Go version."""
+    go = find_go()
+    if go is None:
+        raise ClusterError("the Go toolchain is missing: the node's containerd and runc are built from Go modules; "
+                           "install Go 1.26 or newer (see `make deps`)")
+
+    def fail(msg: str) -> None:
+        raise ClusterError(msg)
+    return nodebuild.build_node(go, go_version(go), cache_root(), say, fail)
 
 
 # ---------------------------------------------------------------------------------------------- pki
@@ -189,14 +213,14 @@ def make_pki(pki: Path) -> None:
             "3650", "-subj", "/CN=localcluster-ca", "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", cwd=pki)
     issue_cert(pki, "apiserver", "/CN=kube-apiserver", [
-        "IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
+        "IP:127.0.0.1", f"IP:{node.API_SERVICE_IP}", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
         "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"])
     issue_cert(pki, "admin", "/O=system:masters/CN=localcluster-admin", client=True)
     issue_cert(pki, "controller-manager", "/CN=system:kube-controller-manager", client=True)
     issue_cert(pki, "scheduler", "/CN=system:kube-scheduler", client=True)
     issue_cert(pki, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", client=True)
     issue_cert(pki, "front-proxy-client", "/CN=front-proxy-client", client=True)
-    issue_cert(pki, "node", f"/O=system:nodes/CN=system:node:{NODE_NAME}", ["IP:127.0.0.1", "DNS:localhost"])
+    issue_cert(pki, "node", f"/O=system:nodes/CN=system:node:{NODE_NAME}", node.node_sans())
     openssl("genpkey", "-algorithm", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", "sa.key", cwd=pki)
     openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
     for p in pki.glob("*.key"):
@@ -294,6 +318,11 @@ class Cluster:
     bin_dir: str = ""
     pod_ip_prefix: str = ""
     started: float = 0.0
+    node: str = "standin"
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return CONTROL_PLANE + NODE_KINDS[self.node]
 
     @property
     def state_file(self) -> Path:
@@ -318,7 +347,8 @@ class Cluster:
     def save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"ports": self.ports, "pids": self.pids, "bin_dir": self.bin_dir,
-                                   "pod_ip_prefix": self.pod_ip_prefix, "started": self.started}, indent=1))
+                                   "pod_ip_prefix": self.pod_ip_prefix, "started": self.started,
+                                   "node": self.node}, indent=1))
         tmp.rename(self.state_file)
 
     @classmethod
@@ -330,7 +360,7 @@ class Cluster:
         return cls(dir=d, **data)
 
     def dead_components(self) -> list[str]:
-        return [name for name in COMPONENTS if name not in self.pids or not alive(self.pids[name])]
+        return [name for name in self.components if name not in self.pids or not alive(self.pids[name])]
 
     def memory(self) -> dict[str, int]:
         return {name: rss_bytes(pid) for name, pid in self.pids.items()}
@@ -372,6 +402,11 @@ class Cluster:
         # the node lifecycle controller lifts the not-ready taint a few seconds after Ready; pods wait for it
         taints = [t["key"] for t in node.get("spec", {}).get("taints") or []]
         return not taints, f"Ready, still tainted {taints}" if taints else "Ready"
+
+    def allocatable(self, resource: str, wanted: int) -> tuple[bool, str]:
+        code, body = self.get(f"{self.server}/api/v1/nodes/{NODE_NAME}")
+        have = json.loads(body).get("status", {}).get("allocatable", {}).get(resource, "0") if code == 200 else "?"
+        return have == str(wanted), f"{resource} allocatable: {have}"
 
     # -- starting
 
@@ -486,8 +521,54 @@ def check_agent_python() -> None:
                            "`pip install kubernetes pyyaml`")
 
 
+def claim_the_node(d: Path) -> None:
+    """The real node needs this machine's root, cgroups and overlayfs, and is one per machine."""
+    problems = node.host_problems()
+    if problems:
+        raise ClusterError("this machine cannot run the local cluster's node:\n  - " + "\n  - ".join(problems))
+    owner = node.owner_of_the_node()
+    if owner and owner != d:
+        other = Cluster.load(owner)
+        if other and not other.dead_components():
+            raise ClusterError(
+                f"the node of the local cluster in {owner} runs on this machine, and there is one node per machine: "
+                f"stop it (`python hack/localcluster/localcluster.py down --dir {owner}`, or `make cluster-down` "
+                f"for .localcluster), or use it (QLORA_TEST_CLUSTER_DIR={owner} for the tests)")
+        say(f"the node of a cluster that is gone ({owner}) left state on this machine; removing it")
+        node.tear_down(owner, other.pids if other else {}, stop_group)
+    node.NODE_RECORD.write_text(json.dumps({"dir": str(d)}))
+
+
+def start_real_node(c: Cluster, node_bins: Path, gpus: int, timeout: float, owner_pid: int | None) -> None:
+    lay, localkube = node.Layout(c.dir), Path(c.bin_dir) / "localkube"
+    node.set_up_network(c.ports["apiserver"])
+    node.write_configs(lay, node_bins, c.pki, kubeconfig(c.server, c.pki, "node"), c.ports["kubelet"],
+                       c.ports["kubelet-healthz"])
+    # containerd finds its shim on PATH
+    c.start("containerd", node.containerd_argv(node_bins, lay), env={"PATH": f"{node_bins}:{os.environ['PATH']}"})
+    c.wait_for("containerd", lambda: (lay.socket.exists(), f"no socket {lay.socket} yet"), timeout, "serving")
+    node.import_images(node_bins, lay, node.images(lay.node / "images", Path(c.bin_dir) / "pause"))
+    c.start("kubelet", node.kubelet_argv(localkube, lay))
+    c.wait_for("kubelet", c.node_ready, timeout, "Ready")
+    c.start("fake-gpu-plugin", node.fake_gpu_argv(localkube, gpus))
+    c.wait_for("fake-gpu-plugin", lambda: c.allocatable("nvidia.com/gpu", gpus), timeout, f"{gpus} GPUs allocatable")
+    if owner_pid:  # not a component: it outlives them to take them down
+        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "reap", "--dir", str(c.dir), "--owner-pid",
+                          str(owner_pid)], stdin=subprocess.DEVNULL, stdout=open(c.logs / "reaper.log", "ab"),
+                         stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def reap(d: Path, owner_pid: int) -> None:
+    """Wait for the owner to end, then take the cluster down; end early once the cluster's folder is gone."""
+    while alive(owner_pid) and (d / MARKER).exists():
+        time.sleep(1)
+    if (d / MARKER).exists():
+        say(f"owner {owner_pid} ended; taking the cluster in {d} down")
+        down(d)
+
+
 def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, timeout: float,
-       owner_pid: int | None = None) -> Cluster:
+       owner_pid: int | None = None, node_kind: str = "standin") -> Cluster:
     d.mkdir(parents=True, exist_ok=True)
     if any(d.iterdir()) and not (d / MARKER).exists():
         raise ClusterError(f"{d} is not empty and was not made by localcluster; remove it or pick another --dir")
@@ -508,17 +589,21 @@ def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, ti
             (d / f).unlink(missing_ok=True)
 
         t0 = time.monotonic()
-        check_agent_python()
+        if node_kind == "standin":
+            check_agent_python()
+        if node_kind == "real":
+            claim_the_node(d)
         bin_dir, compiled = build()
         say(f"binaries: {'compiled ' + ', '.join(compiled) if compiled else 'cached, built nothing'} ({bin_dir})")
-        c = Cluster(dir=d, bin_dir=str(bin_dir), started=time.time(), pod_ip_prefix=pod_ip_prefix())
+        node_bins = build_node_bins() if node_kind == "real" else None
+        c = Cluster(dir=d, bin_dir=str(bin_dir), started=time.time(), pod_ip_prefix=pod_ip_prefix(), node=node_kind)
         for sub in ("logs", "conf", "node"):
             (d / sub).mkdir()
         link_bins(c, bin_dir)
         make_pki(c.pki)
         c.ports = {"etcd": free_port(), "etcd-peer": free_port(), "apiserver": pick_port("kube-apiserver",
                    apiserver_port), "controller-manager": free_port(), "scheduler": free_port(),
-                   "kubelet": free_port()}
+                   "kubelet": free_port(), "kubelet-healthz": free_port()}
         c.save()
         b = d / "bin"
         try:
@@ -528,15 +613,18 @@ def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, ti
             start_with_port_retry(c, "kube-controller-manager", ["controller-manager"],
                                   lambda: start_controller_manager(c, b, timeout))
             start_with_port_retry(c, "kube-scheduler", ["scheduler"], lambda: start_scheduler(c, b, timeout))
-            (d / "images.yaml").write_text(default_images(sys.executable))
-            start_with_port_retry(c, "nodeagent", ["kubelet"],
-                                  lambda: start_nodeagent(c, gpus, cpu, memory, timeout, owner_pid))
+            if node_kind == "standin":
+                (d / "images.yaml").write_text(default_images(sys.executable))
+                start_with_port_retry(c, "nodeagent", ["kubelet"],
+                                      lambda: start_nodeagent(c, gpus, cpu, memory, timeout, owner_pid))
+            elif node_kind == "real":
+                start_real_node(c, node_bins, gpus, timeout, owner_pid)
         except ClusterError:
             teardown(c, remove=False)  # no half-started daemons left behind; logs stay for a look
             raise
         mem = sum(c.memory().values())
-        say(f"ready in {time.monotonic() - t0:.1f}s: API server {c.server}, node {NODE_NAME} with {gpus} GPU(s); "
-            f"control plane + node agent use {mem / 2**20:.0f} MiB; kubeconfig {c.kubeconfig}")
+        say(f"ready in {time.monotonic() - t0:.1f}s: API server {c.server}, node {NODE_NAME} ({node_kind}) with "
+            f"{gpus} GPU(s); its processes use {mem / 2**20:.0f} MiB; kubeconfig {c.kubeconfig}")
         return c
 
 
@@ -646,7 +734,9 @@ def agent_pod_groups(d: Path) -> list[int]:
 
 
 def teardown(c: Cluster, remove: bool = True) -> None:
-    for name in reversed(COMPONENTS):  # node agent first: it stops the pods' processes
+    if c.node == "real":
+        node.tear_down(c.dir, c.pids, stop_group)
+    for name in reversed(c.components):  # the node first: it stops the pods' processes
         if name in c.pids and alive(c.pids[name]):
             stop_group(c.pids[name], grace=15 if name == "nodeagent" else 10)
     for pgid in agent_pod_groups(c.dir):
@@ -672,7 +762,7 @@ def status(d: Path) -> int:
         print(f"no cluster in {d}")
         return 1
     mem = c.memory()
-    for name in COMPONENTS:
+    for name in c.components:
         pid = c.pids.get(name)
         state = "running" if pid and alive(pid) else "NOT RUNNING"
         print(f"{name:24} pid {pid or '-':>7}  {state:12} {mem.get(name, 0) / 2**20:7.0f} MiB  "
@@ -680,16 +770,18 @@ def status(d: Path) -> int:
     ready = c.get(f"{c.server}/readyz")[0] == 200
     node_ok, node_msg = c.node_ready() if ready else (False, "API not ready")
     print(f"API server {c.server} ready={ready}; node {NODE_NAME} Ready={node_ok} ({node_msg})")
-    control_plane = sum(v for k, v in mem.items() if k != "nodeagent")
-    print(f"memory (RSS): control plane {control_plane / 2**20:.0f} MiB, with node agent "
-          f"{sum(mem.values()) / 2**20:.0f} MiB")
+    control_plane = sum(v for k, v in mem.items() if k in CONTROL_PLANE)
+    print(f"memory (RSS): control plane {control_plane / 2**20:.0f} MiB, with the node "
+          f"{sum(mem.values()) / 2**20:.0f} MiB (without the pods)")
     print(f"kubeconfig {c.kubeconfig}; binaries {c.dir / 'bin'}")
     return 0 if ready and node_ok and not c.dead_components() else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["build", "up", "down", "status", "env"])
+    ap.add_argument("command", choices=["build", "up", "down", "status", "env", "reap"])
+    ap.add_argument("--node", choices=sorted(NODE_KINDS), default=os.environ.get("LOCALCLUSTER_NODE", "standin"),
+                    help="what runs the pods: the real kubelet, containerd and runc; the stand-in; none")
     ap.add_argument("--dir", default=".localcluster", help="state folder (default .localcluster)")
     ap.add_argument("--gpus", type=int, default=int(os.environ.get("LOCALCLUSTER_GPUS", "2")),
                     help="nvidia.com/gpu capacity of the node (default 2)")
@@ -706,12 +798,14 @@ def main(argv: list[str] | None = None) -> int:
             bin_dir, compiled = build()
             print(f"{'compiled ' + ', '.join(compiled) if compiled else 'cached, built nothing'}: {bin_dir}")
         elif args.command == "up":
-            up(d, args.gpus, args.cpu, args.memory, args.apiserver_port, args.timeout, args.owner_pid)
+            up(d, args.gpus, args.cpu, args.memory, args.apiserver_port, args.timeout, args.owner_pid, args.node)
             print(f"export KUBECONFIG={d / 'kubeconfig'} PATH={d / 'bin'}:$PATH")
         elif args.command == "down":
             down(d)
         elif args.command == "status":
             return status(d)
+        elif args.command == "reap":
+            reap(d, args.owner_pid)
         elif args.command == "env":
             print(f"export KUBECONFIG={d / 'kubeconfig'}\nexport PATH={d / 'bin'}:$PATH")
     except ClusterError as e:
