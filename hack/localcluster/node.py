@@ -325,12 +325,13 @@ def remove_host_state(d: Path) -> None:
         with contextlib.suppress(OSError):
             if str(d) in os.readlink(link):
                 link.unlink()
-    for f in HOST_STATE["CNI results"].glob(f"{CNI_NETWORK}-*"):
-        f.unlink(missing_ok=True)
+    for prefix in (CNI_NETWORK, "cni-loopback"):  # the bridge network's results, and containerd's own loopback's
+        for f in HOST_STATE["CNI results"].glob(f"{prefix}-*"):
+            f.unlink(missing_ok=True)
     for name in ("device plugins", "runc state", "shim sockets"):
         shutil.rmtree(HOST_STATE[name], ignore_errors=True)
     for empty in (Path("/var/lib/kubelet"), Path("/run/containerd/runc"), Path("/run/containerd"),
-                  HOST_STATE["container log links"]):
+                  HOST_STATE["container log links"], HOST_STATE["CNI results"], Path("/var/lib/cni")):
         with contextlib.suppress(OSError):
             empty.rmdir()
 
