@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the sibling modules, whether this runs as a script or is imported by tests
 import node  # noqa: E402
 import nodebuild  # noqa: E402
+import storage  # noqa: E402
 
 REPO = HERE.parent.parent
 MARKER = ".localcluster"
@@ -220,6 +221,7 @@ def make_pki(pki: Path) -> None:
     issue_cert(pki, "scheduler", "/CN=system:kube-scheduler", client=True)
     issue_cert(pki, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", client=True)
     issue_cert(pki, "front-proxy-client", "/CN=front-proxy-client", client=True)
+    issue_cert(pki, storage.USER, f"/CN={storage.USER}", client=True)
     issue_cert(pki, "node", f"/O=system:nodes/CN=system:node:{NODE_NAME}", node.node_sans())
     openssl("genpkey", "-algorithm", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", "sa.key", cwd=pki)
     openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
@@ -403,6 +405,9 @@ class Cluster:
         taints = [t["key"] for t in node.get("spec", {}).get("taints") or []]
         return not taints, f"Ready, still tainted {taints}" if taints else "Ready"
 
+    def log_mentions(self, name: str, text: str) -> bool:
+        return text in tail(self.logs / f"{name}.log", 200)
+
     def allocatable(self, resource: str, wanted: int) -> tuple[bool, str]:
         code, body = self.get(f"{self.server}/api/v1/nodes/{NODE_NAME}")
         have = json.loads(body).get("status", {}).get("allocatable", {}).get(resource, "0") if code == 200 else "?"
@@ -552,6 +557,16 @@ def start_real_node(c: Cluster, node_bins: Path, gpus: int, timeout: float, owne
     c.wait_for("kubelet", c.node_ready, timeout, "Ready")
     c.start("fake-gpu-plugin", node.fake_gpu_argv(localkube, gpus))
     c.wait_for("fake-gpu-plugin", lambda: c.allocatable("nvidia.com/gpu", gpus), timeout, f"{gpus} GPUs allocatable")
+    storage.volumes_dir(c.dir).mkdir(parents=True, exist_ok=True)
+    objects = {"apiVersion": "v1", "kind": "List", "items": storage.manifests(c.dir, node.BUSYBOX_IMAGE)}
+    proc = subprocess.run([str(c.dir / "bin" / "kubectl"), "--kubeconfig", str(c.kubeconfig), "apply", "-f", "-"],
+                          input=json.dumps(objects), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ClusterError(f"applying the volume provisioner's objects failed: {proc.stderr}")
+    c.start("local-path-provisioner", storage.argv(node_bins / "local-path-provisioner",
+                                                    component_kubeconfig(c, storage.USER), node.BUSYBOX_IMAGE))
+    c.wait_for("local-path-provisioner", lambda: (c.log_mentions("local-path-provisioner", "Starting provisioner"),
+                                                  "not started yet"), timeout, "started")
     if owner_pid:  # not a component: it outlives them to take them down
         subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "reap", "--dir", str(c.dir), "--owner-pid",
                           str(owner_pid)], stdin=subprocess.DEVNULL, stdout=open(c.logs / "reaper.log", "ab"),

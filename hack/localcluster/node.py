@@ -54,7 +54,7 @@ HOST_STATE = {  # what the kubelet, containerd and CNI keep outside the cluster 
     "shim sockets": Path("/run/containerd/s"),
     "CNI results": Path("/var/lib/cni/results"),
 }
-COMPONENTS = ("containerd", "kubelet", "fake-gpu-plugin")
+COMPONENTS = ("containerd", "kubelet", "fake-gpu-plugin", "local-path-provisioner")
 BUSYBOX_IMAGE = "localcluster.local/busybox:1.35"
 
 

@@ -163,6 +163,24 @@ def test_pods_reach_the_api_server_at_the_kubernetes_service(real, ns):
     assert out.startswith(f"{node.API_SERVICE_IP}:443\n") and "400 Bad Request" in out, out
 
 
+def test_a_claim_is_provisioned_and_a_non_root_pod_writes_to_it(real, ns):
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
+             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+    writer = busybox_pod("writer", "echo kept > /data/out.txt", securityContext={"runAsUser": 1000})
+    writer["spec"]["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
+    writer["spec"]["containers"][0]["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
+    create(real, ns, claim)
+    volume = real.wait_until(lambda: real.kubectl_json("get", "pvc", "data", namespace=ns)["spec"].get("volumeName"),
+                             60, "the claim to be bound (Immediate binding, before any pod)")
+    create(real, ns, writer)
+    assert wait_terminated(real, ns, "writer")["exitCode"] == 0
+    folder = Path(real.kubectl_json("get", "pv", volume)["spec"]["hostPath"]["path"])
+    assert folder.parent == real.dir / "node" / "volumes" and (folder / "out.txt").read_text() == "kept\n"
+    real.kubectl("delete", "pod", "writer", "--wait=true", namespace=ns)
+    real.kubectl("delete", "pvc", "data", namespace=ns)
+    real.wait_until(lambda: not folder.exists(), 60, "the released volume's folder to be removed")
+
+
 def _get(url: str) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
