@@ -202,6 +202,11 @@ def cluster_queue(name: str, cpu: str, memory: str, gpus: int, namespaces: list[
             }]}}
 
 
+def resource_flavor(name: str = "default") -> dict:
+    """A flavor with no node labels: every node of the cluster offers it."""
+    return {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": name}}
+
+
 def local_queue(name: str, namespace: str, cluster_queue_name: str) -> dict:
     return {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
             "metadata": {"name": name, "namespace": namespace}, "spec": {"clusterQueue": cluster_queue_name}}
@@ -218,8 +223,7 @@ def default_queues_manifest(cpu: str, memory: str, gpus: int) -> dict:
 
     A test that wants its own quota makes its own ClusterQueue with `cluster_queue(name, cpu, memory, gpus,
     namespaces=[its namespace])` (ClusterQueues are cluster-wide: name it after the namespace)."""
-    flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default"}}
-    return {"apiVersion": "v1", "kind": "List", "items": [flavor, cluster_queue("default", cpu, memory, gpus)]}
+    return {"apiVersion": "v1", "kind": "List", "items": [resource_flavor(), cluster_queue("default", cpu, memory, gpus)]}
 
 
 # ---------------------------------------------------------------------------------------------- cluster I/O
