@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from tests.cluster.kueue_fixture import kueue  # noqa: F401
 from tests.cluster.operator_fixture import crd, finetune, operator, standin_image, start_operator  # noqa: F401
 
 pytestmark = pytest.mark.cluster
@@ -235,14 +236,44 @@ def test_suspend_and_resume(cluster, kubectl, operator, inputs, standin_image):
     assert len(jobs(kubectl, "pause")) == 1
 
 
-def test_queued_run_is_created_suspended_and_runs_when_admitted(cluster, kubectl, operator, inputs, standin_image):
-    apply(kubectl, finetune("queued", standin_image, runtime={"queueName": "gpu-queue"}, env={"STANDIN_SLEEP": 2}))
-    st = wait_for(cluster, kubectl, "queued", "Pending", "Queued")
-    assert "gpu-queue" in st["message"]
-    (job,) = jobs(kubectl, "queued")
-    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
-    kubectl("patch", "job", "queued", "--type=merge", "-p", '{"spec": {"suspend": false}}')  # what Kueue does
-    wait_for(cluster, kubectl, "queued", "Succeeded")
+def test_queued_runs_wait_for_kueue_to_admit_them(cluster, kubectl, operator, inputs, standin_image, kueue):
+    # Issue 16, item 5: Kueue itself admits the Jobs, within a ClusterQueue's quota of one GPU.
+    ns = kubectl.namespace
+    apply(kubectl, kueue.cluster_queue(ns, cpu="4", memory="8Gi", gpus=1, namespaces=[ns]))
+    try:
+        apply(kubectl, kueue.local_queue("gpu-queue", ns, ns))
+        one_gpu = {"gpus": 1, "cpu": "1", "memory": "1Gi"}
+        apply(kubectl, finetune("first", standin_image, runtime={"queueName": "gpu-queue"}, resources=one_gpu,
+                                env={"STANDIN_SLEEP": 600}))
+        wait_for(cluster, kubectl, "first", "Running")
+        (first,) = jobs(kubectl, "first")
+        assert first["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        admitted = kueue.workload(kubectl, first)["status"]
+        assert condition(admitted, "Admitted")["status"] == "True" and admitted["admission"]["clusterQueue"] == ns
+
+        # Over quota: the Job stays suspended, and the user reads that it waits for its queue.
+        apply(kubectl, finetune("second", standin_image, runtime={"queueName": "gpu-queue"}, resources=one_gpu,
+                                env={"STANDIN_SLEEP": 2}))
+        st = wait_for(cluster, kubectl, "second", "Pending", "Queued")
+        assert st["message"] == "waiting for Kueue to admit the Job from LocalQueue gpu-queue"
+        assert condition(st, "Suspended")["status"] == "True" and condition(st, "Succeeded")["status"] == "Unknown"
+        (second,) = jobs(kubectl, "second")
+        assert second["spec"]["suspend"] is True
+
+        def pending_reason():
+            wl = kueue.workload(kubectl, second)
+            reserved = condition((wl or {}).get("status") or {}, "QuotaReserved")
+            return reserved.get("status") == "False" and reserved["message"]
+        reason = cluster.wait_until(pending_reason, timeout=30, what="Kueue to say why the second run waits")
+        assert "insufficient unused quota for nvidia.com/gpu" in reason
+        assert jobs(kubectl, "second")[0]["spec"]["suspend"] is True
+        assert status(kubectl, "second")["phase"] == "Pending"
+
+        kubectl("delete", "qlorafinetune", "first", "--wait=true", timeout=60)  # its GPU goes back to the queue
+        wait_for(cluster, kubectl, "second", "Succeeded", timeout=120)
+        assert condition(kueue.workload(kubectl, second)["status"], "Admitted")["status"] == "True"
+    finally:
+        cluster.kubectl("delete", "clusterqueue", ns, "--wait=false", check=False)
 
 
 def test_operator_killed_mid_run_adopts_the_job(cluster, kubectl, operator, inputs, standin_image):
