@@ -7,6 +7,9 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)
 # An older Go on the machine fetches the toolchain hack/localcluster/go.mod pins from the module proxy.
 export GOTOOLCHAIN ?= auto
 CLUSTER_DIR ?= .localcluster
+# What runs the local cluster's pods: `real` (kubelet, containerd, runc; needs root, cgroups, overlayfs) or
+# `standin` (hack/localcluster/nodeagent.py, pods as local processes; to be removed once the tests run on the real node).
+NODE ?= standin
 PYTEST_ARGS ?=
 # No reruns: a test that passes only on a retry is a bug, in the product or in the test, to be found at its
 # cause. pytest-rerunfailures stays for diagnosis only: `make test RERUNS='--reruns 3'` tells an intermittent
@@ -26,8 +29,9 @@ venv: ## Make the Python environment (shared, cached outside the repo) and this 
 	@bash hack/venv.sh
 
 .PHONY: bins
-bins: deps venv ## Build the local cluster's binaries from Go modules (cached; the first build takes a long while)
-	@$(PY) hack/localcluster/localcluster.py build
+bins: deps venv ## Build the local cluster's binaries, its node's and Kueue from Go modules (cached; the first build takes a long while)
+	@$(PY) hack/localcluster/localcluster.py build --with-node
+	@$(PY) hack/localcluster/kueue.py build >/dev/null
 
 .PHONY: demo
 demo: bins ## Bring up the local cluster and run a demo fine-tune end to end
@@ -46,8 +50,8 @@ test-e2e: bins ## Run the end-to-end tests only (operator + real trainer on the 
 	$(PY) -m pytest -ra -m e2e $(PYTEST_ARGS)
 
 .PHONY: cluster
-cluster: bins ## Start the local Kubernetes control plane and node agent (idempotent)
-	$(PY) hack/localcluster/localcluster.py up --dir $(CLUSTER_DIR)
+cluster: bins ## Start the local Kubernetes control plane and its node (idempotent; NODE=real for the real node)
+	$(PY) hack/localcluster/localcluster.py up --dir $(CLUSTER_DIR) --node $(NODE)
 
 .PHONY: cluster-down
 cluster-down: ## Stop the local cluster and remove its state

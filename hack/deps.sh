@@ -3,7 +3,9 @@
 #
 # Debian packages: openssl (the local cluster's certificates), util-linux (unshare: the node agent's mount
 # namespaces), prometheus (the Prometheus-mode end-to-end test, and promtool for the chart's alert rules),
-# python3-venv where Python cannot make a venv. Go builds the control plane from Go modules: Go 1.21 or newer,
+# python3-venv where Python cannot make a venv; for the real node: iptables and iproute2 (its network),
+# pkg-config and libseccomp-dev (runc is built with seccomp), busybox-static (the node's busybox image);
+# for the images: buildah (builds the Dockerfiles without a daemon) and mmdebstrap (the local base image). Go builds the control plane from Go modules: Go 1.21 or newer,
 # which with GOTOOLCHAIN=auto (the Makefile exports it) fetches the exact toolchain hack/localcluster/go.mod
 # pins from the module proxy; where no Go is on the machine, Debian's golang-go is tried (1.19 on Debian 12,
 # too old: then this says what to install). `make test`, `make demo`, `make cluster` and .ci/run call this.
@@ -19,9 +21,11 @@ go_is_recent() {
 }
 
 need=()
-for pair in openssl:openssl unshare:util-linux prometheus:prometheus promtool:prometheus; do
+for pair in openssl:openssl unshare:util-linux prometheus:prometheus promtool:prometheus iptables:iptables \
+            ip:iproute2 pkg-config:pkg-config gcc:gcc busybox:busybox-static buildah:buildah mmdebstrap:mmdebstrap; do
     command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
+[ -f /usr/include/seccomp.h ] || need+=(libseccomp-dev)
 "${PYTHON:-python3}" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 [ -n "$(find_go)" ] || need+=(golang-go)
 

@@ -798,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node", choices=sorted(NODE_KINDS), default=os.environ.get("LOCALCLUSTER_NODE", "standin"),
                     help="what runs the pods: the real kubelet, containerd and runc; the stand-in; none")
     ap.add_argument("--dir", default=".localcluster", help="state folder (default .localcluster)")
+    ap.add_argument("--with-node", action="store_true", help="build: also the real node's runtime binaries")
     ap.add_argument("--gpus", type=int, default=int(os.environ.get("LOCALCLUSTER_GPUS", "2")),
                     help="nvidia.com/gpu capacity of the node (default 2)")
     ap.add_argument("--cpu", default=os.environ.get("LOCALCLUSTER_CPU", "8"))
@@ -812,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             bin_dir, compiled = build()
             print(f"{'compiled ' + ', '.join(compiled) if compiled else 'cached, built nothing'}: {bin_dir}")
+            if args.node == "real" or args.with_node:
+                say(f"the node's runtime: {build_node_bins()}")
         elif args.command == "up":
             up(d, args.gpus, args.cpu, args.memory, args.apiserver_port, args.timeout, args.owner_pid, args.node)
             print(f"export KUBECONFIG={d / 'kubeconfig'} PATH={d / 'bin'}:$PATH")

@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 DEPS = Path(__file__).resolve().parents[2] / "hack" / "deps.sh"
-TOOLS = ("openssl", "unshare", "prometheus", "promtool")
+# The tools it checks for, and the Debian package of each.
+PACKAGES = {"openssl": "openssl", "unshare": "util-linux", "prometheus": "prometheus", "promtool": "prometheus",
+            "iptables": "iptables", "ip": "iproute2", "pkg-config": "pkg-config", "gcc": "gcc",
+            "busybox": "busybox-static", "buildah": "buildah", "mmdebstrap": "mmdebstrap"}
+TOOLS = tuple(PACKAGES)
 # What the script itself runs besides the tools it checks for.
 SHELL_TOOLS = ("id", "sort", "awk", "sed", "head")
 
@@ -47,9 +51,10 @@ def test_without_apt_get_it_names_what_is_missing_and_how_to_install_it(tmp_path
     link(tmp_path, *SHELL_TOOLS, "openssl")  # no apt-get on this PATH: it cannot install
     fake_go(tmp_path, "1.26.8")
     proc = run_with(tmp_path)
+    missing = " ".join(sorted({p for tool, p in PACKAGES.items() if tool != "openssl"}))
     assert proc.returncode == 1
-    assert "missing Debian packages: prometheus util-linux;" in proc.stderr, proc.stderr
-    assert "apt-get install prometheus util-linux)" in proc.stderr, proc.stderr
+    assert f"missing Debian packages: {missing};" in proc.stderr, proc.stderr
+    assert f"apt-get install {missing})" in proc.stderr, proc.stderr
 
 
 def test_a_go_too_old_for_the_cluster_build_is_named(tmp_path):
