@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the sibling modules, whether this runs as a script or is imported by tests
 import node  # noqa: E402
 import nodebuild  # noqa: E402
+import dns  # noqa: E402
 import storage  # noqa: E402
 
 REPO = HERE.parent.parent
@@ -222,6 +223,7 @@ def make_pki(pki: Path) -> None:
     issue_cert(pki, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", client=True)
     issue_cert(pki, "front-proxy-client", "/CN=front-proxy-client", client=True)
     issue_cert(pki, storage.USER, f"/CN={storage.USER}", client=True)
+    issue_cert(pki, dns.USER, f"/CN={dns.USER}", client=True)
     issue_cert(pki, "node", f"/O=system:nodes/CN=system:node:{NODE_NAME}", node.node_sans())
     openssl("genpkey", "-algorithm", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", "sa.key", cwd=pki)
     openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
@@ -546,7 +548,7 @@ def claim_the_node(d: Path) -> None:
 
 def start_real_node(c: Cluster, node_bins: Path, gpus: int, timeout: float, owner_pid: int | None) -> None:
     lay, localkube = node.Layout(c.dir), Path(c.bin_dir) / "localkube"
-    node.set_up_network(c.ports["apiserver"])
+    node.set_up_network(c.ports["apiserver"], c.ports["dns"])
     node.write_configs(lay, node_bins, c.pki, kubeconfig(c.server, c.pki, "node"), c.ports["kubelet"],
                        c.ports["kubelet-healthz"])
     # containerd finds its shim on PATH
@@ -558,7 +560,8 @@ def start_real_node(c: Cluster, node_bins: Path, gpus: int, timeout: float, owne
     c.start("fake-gpu-plugin", node.fake_gpu_argv(localkube, gpus))
     c.wait_for("fake-gpu-plugin", lambda: c.allocatable("nvidia.com/gpu", gpus), timeout, f"{gpus} GPUs allocatable")
     storage.volumes_dir(c.dir).mkdir(parents=True, exist_ok=True)
-    objects = {"apiVersion": "v1", "kind": "List", "items": storage.manifests(c.dir, node.BUSYBOX_IMAGE)}
+    objects = {"apiVersion": "v1", "kind": "List",
+               "items": storage.manifests(c.dir, node.BUSYBOX_IMAGE) + dns.manifests()}
     proc = subprocess.run([str(c.dir / "bin" / "kubectl"), "--kubeconfig", str(c.kubeconfig), "apply", "-f", "-"],
                           input=json.dumps(objects), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -567,6 +570,11 @@ def start_real_node(c: Cluster, node_bins: Path, gpus: int, timeout: float, owne
                                                     component_kubeconfig(c, storage.USER), node.BUSYBOX_IMAGE))
     c.wait_for("local-path-provisioner", lambda: (c.log_mentions("local-path-provisioner", "Starting provisioner"),
                                                   "not started yet"), timeout, "started")
+    corefile = c.dir / "conf" / "Corefile"
+    corefile.write_text(dns.corefile(c.ports["dns"], c.ports["dns-ready"], component_kubeconfig(c, dns.USER)))
+    c.start("coredns", dns.argv(node_bins / "coredns", corefile))
+    c.wait_for("coredns", lambda: (lambda r: (r[0] == 200, f"/ready: {r[0]} {r[1][-200:]}"))(
+        c.get(f"http://127.0.0.1:{c.ports['dns-ready']}/ready")), timeout, "ready")
     if owner_pid:  # not a component: it outlives them to take them down
         subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "reap", "--dir", str(c.dir), "--owner-pid",
                           str(owner_pid)], stdin=subprocess.DEVNULL, stdout=open(c.logs / "reaper.log", "ab"),
@@ -618,7 +626,8 @@ def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, ti
         make_pki(c.pki)
         c.ports = {"etcd": free_port(), "etcd-peer": free_port(), "apiserver": pick_port("kube-apiserver",
                    apiserver_port), "controller-manager": free_port(), "scheduler": free_port(),
-                   "kubelet": free_port(), "kubelet-healthz": free_port()}
+                   "kubelet": free_port(), "kubelet-healthz": free_port(), "dns": free_port(),
+                   "dns-ready": free_port()}
         c.save()
         b = d / "bin"
         try:

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import dns
 import oci
 
 NODE_NAME = "localnode"
@@ -54,7 +55,7 @@ HOST_STATE = {  # what the kubelet, containerd and CNI keep outside the cluster 
     "shim sockets": Path("/run/containerd/s"),
     "CNI results": Path("/var/lib/cni/results"),
 }
-COMPONENTS = ("containerd", "kubelet", "fake-gpu-plugin", "local-path-provisioner")
+COMPONENTS = ("containerd", "kubelet", "fake-gpu-plugin", "local-path-provisioner", "coredns")
 BUSYBOX_IMAGE = "localcluster.local/busybox:1.35"
 
 
@@ -170,7 +171,8 @@ def kubelet_config(lay: Layout, pki: Path, port: int, healthz_port: int) -> dict
                            "x509": {"clientCAFile": str(pki / "ca.crt")}},
         "authorization": {"mode": "Webhook"},
         "podLogsDir": str(lay.pod_logs), "podCIDR": POD_CIDR,
-        "clusterDomain": "cluster.local", "resolvConf": "",
+        # cluster DNS only: no nameserver of the host is handed to pods
+        "clusterDomain": dns.CLUSTER_DOMAIN, "clusterDNS": [dns.DNS_SERVICE_IP], "resolvConf": "",
         "failSwapOn": False, "registerNode": True,
         # the machine's disk is shared with the build caches: evict only when it is really full, and keep images
         "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
@@ -178,10 +180,12 @@ def kubelet_config(lay: Layout, pki: Path, port: int, healthz_port: int) -> dict
     }
 
 
-def nat_rules(api_port: int) -> list[list[str]]:
-    """The DNAT that takes pods' connections to the `kubernetes` Service to the API server on 127.0.0.1."""
+def nat_rules(api_port: int, dns_port: int) -> list[list[str]]:
+    """The DNATs that take pods' connections to the `kubernetes` Service and to the cluster DNS address to the
+    API server and CoreDNS, both on 127.0.0.1."""
     return [["-A", NAT_CHAIN, "-i", BRIDGE, "-d", f"{API_SERVICE_IP}/32", "-p", "tcp", "--dport", "443",
-             "-j", "DNAT", "--to-destination", f"127.0.0.1:{api_port}"]]
+             "-j", "DNAT", "--to-destination", f"127.0.0.1:{api_port}"],
+            *dns.nat_rules(dns_port, NAT_CHAIN, BRIDGE)]
 
 
 def node_sans() -> list[str]:
@@ -223,7 +227,7 @@ def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def set_up_network(api_port: int) -> None:
+def set_up_network(api_port: int, dns_port: int) -> None:
     """The node IP on lo, the bridge with its gateway address and route_localnet, and the API server's DNAT."""
     if NODE_IP not in run("ip", "-4", "addr", "show", "dev", "lo").stdout:
         run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
@@ -236,7 +240,7 @@ def set_up_network(api_port: int) -> None:
     tear_down_nat()
     run("iptables", "-t", "nat", "-N", NAT_CHAIN)
     run("iptables", "-t", "nat", "-A", "PREROUTING", "-j", NAT_CHAIN)
-    for rule in nat_rules(api_port):
+    for rule in nat_rules(api_port, dns_port):
         run("iptables", "-t", "nat", *rule)
 
 
@@ -345,7 +349,8 @@ def images(out: Path, pause_binary: Path) -> list[Path]:
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
     applets = run(str(busybox), "--list-full").stdout.split()
     box = oci.files_image(out / "busybox.tar", BUSYBOX_IMAGE, {"bin/busybox": busybox},
-                          links={a: "/bin/busybox" for a in applets if a != "bin/busybox"}, cmd=["sh"],
+                          links={a: "/bin/busybox" for a in applets if a != "bin/busybox"},
+                          dirs={"tmp": 0o1777}, cmd=["sh"],
                           env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
     return [pause, box]
 

@@ -1,6 +1,6 @@
 """The node's runtime binaries, built from pinned Go modules and cached outside the repo.
 
-containerd (with its runc shim and `ctr`), runc, the CNI plugins and the volume provisioner the node uses come from the Go module
+containerd (with its runc shim and `ctr`), runc, the CNI plugins, the volume provisioner and CoreDNS the node uses come from the Go module
 proxy at the versions below, each built as its own project builds it (`go install module/cmd@version`, so
 its own go.mod and go.sum decide the dependencies) and stamped with its version. The kubelet, the pause
 binary and the stand-in GPU device plugin come from this folder's module with the control plane
@@ -28,6 +28,7 @@ RUNC = "v1.5.3"
 CNI_PLUGINS = "v1.10.0"
 CNI_PLUGIN_NAMES = ("bridge", "host-local", "loopback", "portmap")
 LOCAL_PATH_PROVISIONER = "v0.0.30"
+COREDNS = "v1.14.7"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ def targets() -> list[Target]:
                f"-s -w -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion={CNI_PLUGINS}"),
         Target("github.com/rancher/local-path-provisioner", LOCAL_PATH_PROVISIONER,
                ("github.com/rancher/local-path-provisioner",), f"-s -w -X main.VERSION={LOCAL_PATH_PROVISIONER}"),
+        Target("github.com/coredns/coredns", COREDNS, ("github.com/coredns/coredns",),
+               "-s -w -X github.com/coredns/coredns/coremain.GitCommit=localcluster"),
     ]
 
 

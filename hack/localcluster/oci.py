@@ -25,14 +25,17 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def layer_tar(files: dict[str, Path], links: dict[str, str]) -> bytes:
-    """A layer of `files` (path in the image -> file on the host, kept executable) and symlinks."""
+def layer_tar(files: dict[str, Path], links: dict[str, str], dirs: dict[str, int]) -> bytes:
+    """A layer of `files` (path in the image -> file on the host, kept executable), symlinks and folders
+    (path -> mode; the parents of files and links are 0755)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        dirs = sorted({str(Path(p).parent) for p in [*files, *links]} - {"."})
-        for d in dirs:
+        modes = {str(Path(p).parent): 0o755 for p in [*files, *links]} | dirs
+        for d, mode in sorted(modes.items()):
+            if d == ".":
+                continue
             info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            info.type, info.mode = tarfile.DIRTYPE, mode
             tar.addfile(info)
         for path, source in sorted(files.items()):
             info = tarfile.TarInfo(path)
@@ -47,10 +50,10 @@ def layer_tar(files: dict[str, Path], links: dict[str, str]) -> bytes:
 
 
 def files_image(out: Path, name: str, files: dict[str, Path], links: dict[str, str] | None = None,
-                entrypoint: list[str] | None = None, cmd: list[str] | None = None, user: str = "",
-                env: list[str] | None = None) -> Path:
+                dirs: dict[str, int] | None = None, entrypoint: list[str] | None = None,
+                cmd: list[str] | None = None, user: str = "", env: list[str] | None = None) -> Path:
     """Write the image `name` (e.g. localcluster.local/pause:3.10) as an OCI archive at `out`."""
-    layer = layer_tar(files, links or {})
+    layer = layer_tar(files, links or {}, dirs or {})
     layer_digest = "sha256:" + hashlib.sha256(layer).hexdigest()
     config = json.dumps({
         "architecture": "amd64", "os": "linux",

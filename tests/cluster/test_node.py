@@ -181,6 +181,24 @@ def test_a_claim_is_provisioned_and_a_non_root_pod_writes_to_it(real, ns):
     real.wait_until(lambda: not folder.exists(), 60, "the released volume's folder to be removed")
 
 
+def test_a_headless_service_resolves_to_its_pods_and_nothing_resolves_off_the_machine(real, ns):
+    member = busybox_pod("rank-0", "exec sleep 300")
+    member["metadata"]["labels"] = {"app": "group"}
+    member["spec"].update(hostname="rank-0", subdomain="group")
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "group"},
+               "spec": {"clusterIP": "None", "selector": {"app": "group"}, "ports": [{"port": 29500}]}}
+    create(real, ns, service, member)
+    real.wait_until(lambda: state_of(real, ns, "rank-0").get("running"), 90, "pod rank-0 to run")
+    ip = real.kubectl_json("get", "pod", "rank-0", namespace=ns)["status"]["podIP"]
+    # (busybox nslookup applies no search domain; glibc, which the trainer uses, does)
+    names = [f"group.{ns}.svc.cluster.local", f"rank-0.group.{ns}.svc.cluster.local"]
+    script = "; ".join(f"nslookup {n} >/tmp/out 2>&1 && grep -q {ip} /tmp/out && echo found {n}" for n in names)
+    create(real, ns, busybox_pod("resolver", script + "; nslookup example.org >/dev/null 2>&1 || echo no example.org"))
+    assert wait_terminated(real, ns, "resolver")["exitCode"] == 0
+    lines = real.kubectl("logs", "resolver", namespace=ns).stdout.splitlines()
+    assert lines == [f"found {n}" for n in names] + ["no example.org"], lines
+
+
 def _get(url: str) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
