@@ -3,11 +3,15 @@
 - hadolint passes on both;
 - the install steps take their versions from pyproject.toml's extras (no version repeated in a Dockerfile),
   and that requirement set resolves with pip for the image's Python and platform (a dry run against the index);
+- the dependencies are a stage and a layer of their own, the project is installed apart with --no-deps, so a
+  source change does not reinstall them; every stage starts from the BASE_IMAGE build argument;
 - the build context the Dockerfile copies (after .dockerignore) builds a wheel holding every module of the
   operator and the trainer, so `pip install .[extra]` inside the image installs the whole code;
 - the operator image gets no torch; the trainer image's CUDA base matches the CUDA the pinned torch wheel uses;
-- both run as a non-root user with `python -m qlora_operator` / `python -m qlora_trainer` as entrypoint, and
-  expose the ports the chart and the trainer contract use.
+- both run as a non-root user with `python -m qlora_operator` / `python -m qlora_trainer` as entrypoint, on a
+  read-only root (HOME and caches on the writable mounts the chart and the operator's Job give them), and
+  expose the ports the chart and the trainer contract use; the trainer's runtime stage needs no apt where the
+  base has python3.
 """
 
 from __future__ import annotations
@@ -67,8 +71,27 @@ def instructions(path: Path) -> list[Instruction]:
     return out
 
 
-def base_images(path: Path) -> list[str]:
+def build_args(path: Path) -> dict[str, str]:
+    """The defaults of the ARGs declared before the first FROM (the ones a FROM line may use)."""
+    out = {}
+    for step in instructions(path):
+        if step.keyword == "ARG" and step.stage == -1:
+            name, _, default = step.args.partition("=")
+            out[name] = default.strip('"')
+    return out
+
+
+def from_lines(path: Path) -> list[str]:
+    """What each FROM names, as written (`${BASE_IMAGE}`, or an earlier stage's name)."""
     return [i.args.split()[0] for i in instructions(path) if i.keyword == "FROM"]
+
+
+def base_images(path: Path) -> list[str]:
+    """The images the stages start from, build arguments at their defaults; stages built on stages left out."""
+    stages = {i.args.split()[-1] for i in instructions(path) if i.keyword == "FROM" and " AS " in i.args.upper()}
+    defaults = build_args(path)
+    images = [re.sub(r"\$\{?(\w+)\}?", lambda m: defaults[m.group(1)], image) for image in from_lines(path)]
+    return [image for image in images if image not in stages]
 
 
 def final_stage(path: Path) -> list[Instruction]:
@@ -83,7 +106,7 @@ def pip_installs(path: Path) -> list[list[str]]:
     for step in instructions(path):
         if step.keyword != "RUN":
             continue
-        for command in re.split(r"&&|;", step.args):
+        for command in re.split(r"&&|\|\|", step.args):
             words = shlex.split(command)
             for n, word in enumerate(words):
                 if (word == "pip" or word.endswith("/pip")) and words[n + 1:n + 2] == ["install"]:
@@ -91,15 +114,29 @@ def pip_installs(path: Path) -> list[list[str]]:
     return found
 
 
-def installed_extra(path: Path) -> str:
-    """The extra of the one `pip install .[extra]`; fails on anything else being pip-installed."""
+def installed_requirements(path: Path) -> list[str]:
+    """What the deps stage's `pip install -r requirements.txt` installs: its own command that writes the file,
+    run here on pyproject.toml. Fails on anything else being pip-installed but the project with --no-deps."""
     installs = pip_installs(path)
-    assert len(installs) == 1, f"{path.name}: expected one pip install, found {installs}"
-    targets = [arg for arg in installs[0] if not arg.startswith("-")]
-    assert len(targets) == 1, f"{path.name}: pip must install only the project, got {targets}"
-    match = re.fullmatch(r"\.\[([a-z0-9_-]+)\]", targets[0])
-    assert match, f"{path.name}: pip must install `.[extra]` so pyproject.toml holds the versions, got {targets[0]}"
-    return match.group(1)
+    assert len(installs) == 2, f"{path.name}: expected the deps install and the project's, found {installs}"
+    deps, project = installs
+    assert deps[-2:] == ["-r", "requirements.txt"], f"{path.name}: the deps stage installs requirements.txt: {deps}"
+    assert "--no-deps" in project and project[-1] == ".", f"{path.name}: the project goes in with --no-deps: {project}"
+    (writer,) = [c for i in instructions(path) if i.keyword == "RUN" for c in i.args.split("&&")
+                 if "> requirements.txt" in c]
+    command = writer.split("> requirements.txt")[0].replace("python3", shlex.quote(sys.executable), 1)
+    proc = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def installed_extra(path: Path) -> str:
+    """The extra whose requirements (with the core's and the build backend's) the deps stage installs."""
+    installed = installed_requirements(path)
+    for extra in PYPROJECT["project"]["optional-dependencies"]:
+        if installed == list(PYPROJECT["build-system"]["requires"]) + requirements(extra):
+            return extra
+    raise AssertionError(f"{path.name}: the deps stage installs no extra of pyproject.toml as it is: {installed}")
 
 
 def image_python(image: str) -> str:
@@ -219,6 +256,51 @@ def test_trainer_exposes_the_contracts_metrics_port():
     assert exposed == {METRICS_PORT}
 
 
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_every_stage_starts_from_the_base_image_argument(name):
+    assert "BASE_IMAGE" in build_args(IMAGES[name]), "ARG BASE_IMAGE=<public image> before the first FROM"
+    stages = [i.args.split()[-1] for i in instructions(IMAGES[name]) if i.keyword == "FROM" and " AS " in i.args]
+    for image in from_lines(IMAGES[name]):
+        assert image == "${BASE_IMAGE}" or image in stages, f"{name}: FROM {image} ignores BASE_IMAGE"
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_dependencies_are_a_layer_a_source_change_does_not_rebuild(name):
+    steps = instructions(IMAGES[name])
+    deps_install = next(n for n, i in enumerate(steps) if i.keyword == "RUN" and "-r requirements.txt" in i.args)
+    copied_before = [i.args for i in steps[:deps_install] if i.keyword == "COPY"]
+    assert copied_before == ["pyproject.toml ./"], f"{name}: only pyproject.toml before the deps install"
+    last = final_stage(IMAGES[name])
+    copies = [i.args for i in last if i.keyword == "COPY"]
+    # The venv of the deps stage, then only the project's own files over it.
+    assert copies == ["--from=deps /opt/venv /opt/venv", "--from=build /project/ /"], copies
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_runs_on_a_read_only_root_with_home_and_caches_on_writable_mounts(name):
+    env = {}
+    for step in final_stage(IMAGES[name]):
+        if step.keyword == "ENV":
+            env.update(dict(pair.split("=", 1) for pair in shlex.split(step.args)))
+    if name == "operator":
+        # The chart's Deployment mounts an emptyDir at /tmp, its only writable folder.
+        deployment = (REPO / "charts/qlora-operator/templates/deployment.yaml").read_text()
+        assert env["HOME"] == "/tmp" and re.search(r"mountPath: /tmp\s*$", deployment, re.M)
+    else:
+        from qlora_operator import builders
+
+        assert env["HOME"] == builders.TMP_MOUNT
+        assert env["XDG_CACHE_HOME"] == builders.CACHE_MOUNT
+        assert env["HF_HOME"].startswith(builders.CACHE_MOUNT + "/")
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+
+
+def test_trainer_runtime_needs_no_apt_where_the_base_has_python():
+    for step in final_stage(IMAGES["trainer"]):
+        if step.keyword == "RUN" and "apt-get" in step.args:
+            assert re.match(r"command -v python3 >/dev/null\s+\|\| \{", step.args), step.args
+
+
 # ------------------------------------------------------------------------------------- build context
 
 def dockerignore_patterns() -> list[tuple[bool, str]]:
@@ -248,7 +330,7 @@ def in_context(relative: str) -> bool:
 def copied_context(name: str, into: Path) -> None:
     """Lay out what the first stage's COPY steps put into WORKDIR, as Docker would send it."""
     for step in instructions(IMAGES[name]):
-        if step.keyword != "COPY" or step.args.startswith("--from") or step.stage != 0:
+        if step.keyword != "COPY" or step.args.startswith("--from"):
             continue
         *sources, dest = step.args.split()
         for source in sources:
