@@ -68,3 +68,29 @@ crds: venv ## Regenerate crds/ (and the chart's copy) from the pydantic API mode
 .PHONY: bench
 bench: venv ## Trainer speed on a CUDA GPU: the guide's recipe against the defaults
 	$(PY) bench/trainer_speed.py
+
+# Images for a real cluster: built with whichever builder the machine has, tagged for REGISTRY (the chart's
+# defaults are ghcr.io/qlora-operator); `make push REGISTRY=registry.example.com/ml` pushes them there.
+# BUILDER=docker|podman|buildah picks one; BASE_IMAGE_TRAINER/BASE_IMAGE_OPERATOR override the bases
+# (docs/images.md). The local cluster builds its own with hack/localcluster/images.py.
+REGISTRY ?= ghcr.io/qlora-operator
+VERSION ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/qlora-operator/Chart.yaml)
+# A docker client counts only with a daemon that answers.
+BUILDER ?= $(or $(shell docker info >/dev/null 2>&1 && echo docker),$(shell command -v podman >/dev/null && echo podman),$(shell command -v buildah >/dev/null && echo buildah))
+OPERATOR_IMAGE = $(REGISTRY)/qlora-operator:$(VERSION)
+TRAINER_IMAGE = $(REGISTRY)/qlora-trainer:$(VERSION)
+BUILD_ARGS = $(if $(BASE_IMAGE_$(1)),--build-arg BASE_IMAGE=$(BASE_IMAGE_$(1)))
+
+.PHONY: images
+images: ## Build the operator and trainer images with docker, podman or buildah (REGISTRY=..., VERSION=...)
+	@[ -n "$(BUILDER)" ] || { echo "images: no docker, podman or buildah on PATH; install one" >&2; exit 1; }
+	$(BUILDER) $(if $(filter buildah,$(BUILDER)),bud --layers --format docker,build) $(call BUILD_ARGS,OPERATOR) \
+	  -f Dockerfile.operator -t $(OPERATOR_IMAGE) .
+	$(BUILDER) $(if $(filter buildah,$(BUILDER)),bud --layers --format docker,build) $(call BUILD_ARGS,TRAINER) \
+	  -f Dockerfile.trainer -t $(TRAINER_IMAGE) .
+	@echo "images: $(OPERATOR_IMAGE) $(TRAINER_IMAGE); helm: --set image.repository=$(REGISTRY)/qlora-operator,image.tag=$(VERSION),trainer.image=$(TRAINER_IMAGE)"
+
+.PHONY: push
+push: images ## Push both images to REGISTRY (e.g. make push REGISTRY=registry.example.com/ml)
+	$(BUILDER) push $(OPERATOR_IMAGE)
+	$(BUILDER) push $(TRAINER_IMAGE)
