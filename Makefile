@@ -79,14 +79,16 @@ VERSION ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' cha
 BUILDER ?= $(or $(shell docker info >/dev/null 2>&1 && echo docker),$(shell command -v podman >/dev/null && echo podman),$(shell command -v buildah >/dev/null && echo buildah))
 OPERATOR_IMAGE = $(REGISTRY)/qlora-operator:$(VERSION)
 TRAINER_IMAGE = $(REGISTRY)/qlora-trainer:$(VERSION)
+# buildah: chroot isolation needs no runc or crun; docker format keeps HEALTHCHECK.
+BUILD = $(if $(filter buildah,$(BUILDER)),bud --layers --isolation chroot --format docker,build)
 BUILD_ARGS = $(if $(BASE_IMAGE_$(1)),--build-arg BASE_IMAGE=$(BASE_IMAGE_$(1)))
 
 .PHONY: images
 images: ## Build the operator and trainer images with docker, podman or buildah (REGISTRY=..., VERSION=...)
 	@[ -n "$(BUILDER)" ] || { echo "images: no docker, podman or buildah on PATH; install one" >&2; exit 1; }
-	$(BUILDER) $(if $(filter buildah,$(BUILDER)),bud --layers --format docker,build) $(call BUILD_ARGS,OPERATOR) \
+	$(BUILDER) $(BUILD) $(call BUILD_ARGS,OPERATOR) \
 	  -f Dockerfile.operator -t $(OPERATOR_IMAGE) .
-	$(BUILDER) $(if $(filter buildah,$(BUILDER)),bud --layers --format docker,build) $(call BUILD_ARGS,TRAINER) \
+	$(BUILDER) $(BUILD) $(call BUILD_ARGS,TRAINER) \
 	  -f Dockerfile.trainer -t $(TRAINER_IMAGE) .
 	@echo "images: $(OPERATOR_IMAGE) $(TRAINER_IMAGE); helm: --set image.repository=$(REGISTRY)/qlora-operator,image.tag=$(VERSION),trainer.image=$(TRAINER_IMAGE)"
 
