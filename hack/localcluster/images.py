@@ -128,7 +128,8 @@ def download_argv(python: str, requirements_file: Path, wheels: Path) -> list[st
 
 
 def buildah_argv(storage: Path) -> list[str]:
-    return ["buildah", "--root", str(storage / "root"), "--runroot", str(storage / "run"), "--storage-driver", "overlay"]
+    return ["buildah", "--root", str(storage / "root"), "--runroot", str(storage / "run"),
+            "--storage-driver", "overlay"]
 
 
 def bud_argv(storage: Path, name: str, base_ref: str, wheels: Path, reference: str) -> list[str]:
@@ -184,8 +185,9 @@ def ensure_base(storage: Path, key: str) -> str:
         container = run([*buildah_argv(storage), "from", "scratch"], "buildah from").stdout.strip()
         try:
             run([*buildah_argv(storage), "add", container, str(rootfs), "/"], "buildah add")
-            run([*buildah_argv(storage), "config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                 "--cmd", "/bin/bash", container], "buildah config")
+            run([*buildah_argv(storage), "config", "--cmd", "/bin/bash",
+                 "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", container],
+                "buildah config")
             run([*buildah_argv(storage), "commit", container, ref], "buildah commit")
         finally:
             subprocess.run([*buildah_argv(storage), "rm", container], capture_output=True)
@@ -204,7 +206,8 @@ def build(name: str, key: str, base_ref: str, cache: Path) -> Path:
     storage, images = cache / "buildah", cache / "images"
     reference = image_names()[name]
     download_wheels(name, images / "wheels")
-    run(bud_argv(storage, name, base_ref, images / "wheels", reference), f"buildah bud of {DOCKERFILES[name]}", cwd=REPO)
+    run(bud_argv(storage, name, base_ref, images / "wheels", reference), f"buildah bud of {DOCKERFILES[name]}",
+        cwd=REPO)
     out = archive_path(images, name, key)
     tmp = out.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
