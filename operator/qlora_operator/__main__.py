@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +48,9 @@ async def run(settings: Settings, stop_flag: asyncio.Event | None = None,
             clusterwide=settings.clusterwide,
             namespaces=settings.watch_namespaces,
             standalone=True,
+            # Named here: kopf's own default asks the password database for the user, and the chart's user
+            # (65532, or any runAsUser) has no entry in the image: the operator died at start (KeyError).
+            identity=f"qlora-operator@{socket.gethostname()}",
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
             memo=memo,
             stop_flag=stop_flag,
