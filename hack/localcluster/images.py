@@ -132,11 +132,12 @@ def buildah_argv(storage: Path) -> list[str]:
             "--storage-driver", "overlay"]
 
 
-def bud_argv(storage: Path, name: str, base_ref: str, wheels: Path, reference: str) -> list[str]:
+def bud_argv(storage: Path, dockerfile: str, context: str, base_ref: str, reference: str,
+             wheels: Path | None = None) -> list[str]:
     # chroot isolation: no runc or user namespaces needed; docker format keeps HEALTHCHECK.
+    wheel_args = ["--build-arg", f"WHEELS={WHEELS_MOUNT}", "--volume", f"{wheels}:{WHEELS_MOUNT}:ro"] if wheels else []
     return [*buildah_argv(storage), "bud", "--layers", "--pull=never", "--isolation", "chroot", "--format", "docker",
-            "--build-arg", f"BASE_IMAGE={base_ref}", "--build-arg", f"WHEELS={WHEELS_MOUNT}",
-            "--volume", f"{wheels}:{WHEELS_MOUNT}:ro", "-f", DOCKERFILES[name], "-t", reference, "."]
+            "--build-arg", f"BASE_IMAGE={base_ref}", *wheel_args, "-f", dockerfile, "-t", reference, context]
 
 
 def archive_path(images: Path, name: str, key: str) -> Path:
@@ -206,15 +207,20 @@ def build(name: str, key: str, base_ref: str, cache: Path) -> Path:
     storage, images = cache / "buildah", cache / "images"
     reference = image_names()[name]
     download_wheels(name, images / "wheels")
-    run(bud_argv(storage, name, base_ref, images / "wheels", reference), f"buildah bud of {DOCKERFILES[name]}",
-        cwd=REPO)
-    out = archive_path(images, name, key)
+    run(bud_argv(storage, DOCKERFILES[name], ".", base_ref, reference, images / "wheels"),
+        f"buildah bud of {DOCKERFILES[name]}", cwd=REPO)
+    return write_archive(storage, reference, archive_path(images, name, key))
+
+
+def write_archive(storage: Path, reference: str, out: Path) -> Path:
+    """The image as a docker-archive at `out`; older archives of the same name (NAME-KEY.tar) are removed."""
     tmp = out.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
-    run([*buildah_argv(storage), "push", reference, f"docker-archive:{tmp}:{reference}"], f"buildah push of {name}")
+    run([*buildah_argv(storage), "push", reference, f"docker-archive:{tmp}:{reference}"], f"buildah push of {reference}")
     tmp.rename(out)
-    for old in images.glob(f"{name}-*.tar"):
-        if old != out and re.fullmatch(rf"{name}-[0-9a-f]{{16}}\.tar", old.name):
+    name = out.name.rsplit("-", 1)[0]
+    for old in out.parent.glob(f"{name}-*.tar"):
+        if old != out and re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{16}}\.tar", old.name):
             old.unlink()
     return out
 
@@ -238,6 +244,31 @@ def ensure_images(names: Sequence[str] = ("operator", "trainer"), cache: Path = 
             base_ref = ensure_base(cache / "buildah", base)
             for name in missing:
                 build(name, wanted[name], base_ref, cache)
+    return out
+
+
+def ensure_derived(reference: str, containerfile: Path, base: str = "operator", cache: Path = CACHE) -> Path:
+    """The archive of an image built FROM one of the project's (a test's stand-in): `containerfile` with its own
+    folder as the context and BASE_IMAGE set to `base`'s reference; keyed by those files and `base`'s key."""
+    base_archive = ensure_images((base,), cache)[base]
+    context = containerfile.parent
+    files = [(f.relative_to(context).as_posix(), f.read_bytes()) for f in sorted(context.rglob("*"))
+             if f.is_file() and "__pycache__" not in f.parts]
+    key = digest([("reference", reference.encode()), ("base", base_archive.name.encode()), *files])
+    out = archive_path(cache / "images", re.sub(r"[^a-z0-9]+", "-", reference.lower()), key)
+    if out.is_file():
+        return out
+    storage, base_ref = cache / "buildah", image_names()[base]
+    with open(cache / "images" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.is_file():
+            # the base is in buildah's storage when it was built here; otherwise from its archive
+            if subprocess.run([*buildah_argv(storage), "inspect", "--type", "image", base_ref],
+                              capture_output=True).returncode != 0:
+                run([*buildah_argv(storage), "pull", f"docker-archive:{base_archive}"], f"buildah pull of {base}")
+            run(bud_argv(storage, str(containerfile), str(context), base_ref, reference),
+                f"buildah bud of {containerfile}")
+            write_archive(storage, reference, out)
     return out
 
 

@@ -91,8 +91,8 @@ def test_mmdebstrap_makes_a_minimal_debian_with_python_from_the_machines_sources
 
 
 def test_bud_passes_the_base_and_the_wheels_and_tags_the_charts_name(tmp_path):
-    argv = images.bud_argv(tmp_path, "trainer", "localhost/qlora-base:k", tmp_path / "wheels",
-                           "ghcr.io/qlora-operator/qlora-trainer:0.1.0")
+    argv = images.bud_argv(tmp_path, "Dockerfile.trainer", ".", "localhost/qlora-base:k",
+                           "ghcr.io/qlora-operator/qlora-trainer:0.1.0", tmp_path / "wheels")
     assert argv[:7] == ["buildah", "--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"),
                         "--storage-driver", "overlay"]
     assert argv[7] == "bud" and "--layers" in argv and "--pull=never" in argv
