@@ -7,9 +7,6 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)
 # An older Go on the machine fetches the toolchain hack/localcluster/go.mod pins from the module proxy.
 export GOTOOLCHAIN ?= auto
 CLUSTER_DIR ?= .localcluster
-# What runs the local cluster's pods: `real` (kubelet, containerd, runc; needs root, cgroups, overlayfs) or
-# `standin` (hack/localcluster/nodeagent.py, pods as local processes; to be removed once the tests run on the real node).
-NODE ?= standin
 PYTEST_ARGS ?=
 # No reruns: a test that passes only on a retry is a bug, in the product or in the test, to be found at its
 # cause. pytest-rerunfailures stays for diagnosis only: `make test RERUNS='--reruns 3'` tells an intermittent
@@ -50,8 +47,9 @@ test-e2e: bins ## Run the end-to-end tests only (operator + real trainer on the 
 	$(PY) -m pytest -ra -m e2e $(PYTEST_ARGS)
 
 .PHONY: cluster
-cluster: bins ## Start the local Kubernetes control plane and its node (idempotent; NODE=real for the real node)
-	$(PY) hack/localcluster/localcluster.py up --dir $(CLUSTER_DIR) --node $(NODE)
+cluster: bins ## Start the local cluster (control plane, kubelet, containerd) with the project's images on its node (idempotent)
+	$(PY) hack/localcluster/localcluster.py up --dir $(CLUSTER_DIR)
+	$(PY) hack/localcluster/localcluster.py load --dir $(CLUSTER_DIR) operator trainer
 
 .PHONY: cluster-down
 cluster-down: ## Stop the local cluster and remove its state

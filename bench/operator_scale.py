@@ -1,7 +1,7 @@
 """Operator scale: create N QLoRAFinetune resources at once on the local cluster; time creation -> Job created.
 
 Starts (or reuses) the local cluster, installs the CRD, runs the operator as a subprocess watching one fresh
-namespace, POSTs N resources (suspended, so no pods run: this measures the operator, not the node agent) with
+namespace, POSTs N resources (suspended, so no pods run: this measures the operator, not the node) with
 bounded concurrency, and polls the namespace's Jobs every POLL seconds. Prints p50/p90/p99/max of the time from
 each resource's POST returning to its Job first being seen, the wall time for all, and the operator's peak
 resident memory (VmHWM).

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # `make demo`: a QLoRA fine-tune run by the operator on a local Kubernetes cluster, end to end, on a CPU.
 #
-#  1. brings up the local cluster (hack/localcluster; the first start compiles Kubernetes: long, once)
-#  2. installs the QLoRAFinetune CRD and starts the operator in the background (log: .demo/operator.log)
+#  1. brings up the local cluster with its real node (hack/localcluster; the first start compiles Kubernetes
+#     and builds the images: long, once) and puts the operator and trainer images on the node
+#  2. installs the operator with its Helm chart (the chart's RBAC and Deployment; release `qlora` in
+#     namespace qlora-system), watching the demo's namespace
 #
-# Settings (environment): CLUSTER_DIR (.localcluster), DEMO_NAMESPACE (qlora-demo), DEMO_DIR (.demo),
+# Settings (environment): CLUSTER_DIR (.localcluster), DEMO_NAMESPACE (qlora-demo), DEMO_OPERATOR_NAMESPACE
+# (qlora-system, the Helm release's), DEMO_DIR (.demo),
 # DEMO_RUN_TIMEOUT (1200 s for the fine-tune), DEMO_CLUSTER_TIMEOUT (5400 s for the first cluster start).
 #  3. makes the inputs: a tiny random-weight model and a bilingual (Korean/English) QA data set
 #  4. applies hack/demo/finetune.yaml and shows `kubectl get qft -w` until it ends
@@ -18,6 +21,7 @@ dir="${CLUSTER_DIR:-.localcluster}"
 case "$dir" in /*) ;; *) dir="$repo/$dir" ;; esac
 demo="${DEMO_DIR:-$repo/.demo}"
 ns="${DEMO_NAMESPACE:-qlora-demo}"
+opns="${DEMO_OPERATOR_NAMESPACE:-qlora-system}"
 name="demo-bot"
 run_timeout="${DEMO_RUN_TIMEOUT:-1200}"
 cluster_timeout="${DEMO_CLUSTER_TIMEOUT:-5400}"
@@ -55,55 +59,34 @@ wait_until() {
 # ------------------------------------------------------------------------------------------ 1. cluster
 step "Starting the local Kubernetes cluster in $dir"
 if ! "$py" hack/localcluster/localcluster.py status --dir "$dir" >/dev/null 2>&1; then
-    say "Not running yet. The first start on a machine compiles etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and"
-    say "helm from Go modules: about 20-40 minutes on 2 CPU cores, once (cached in ~/.cache/qlora-operator)."
-    say "Later starts take seconds."
+    say "Not running yet. The first start on a machine compiles etcd, kube-apiserver, kube-controller-manager, kube-scheduler,"
+    say "kubectl, helm, the kubelet, containerd and runc from Go modules: about 20-40 minutes on 2 CPU cores, once"
+    say "(cached in ~/.cache/qlora-operator). Later starts take seconds."
 fi
 within "$cluster_timeout" "starting the local cluster" \
-    "$py" hack/localcluster/localcluster.py up --dir "$dir"
+    "$py" hack/localcluster/localcluster.py up --dir "$dir" --node real
 export KUBECONFIG="$dir/kubeconfig"
 kubectl="$dir/bin/kubectl"
 k() { within 120 "kubectl $*" "$kubectl" "$@"; }
-k get nodes
+k get nodes -o wide
 
-# ---------------------------------------------------------------------------------- 2. CRD + operator
-step "Installing the QLoRAFinetune CRD"
-k apply --server-side --force-conflicts -f crds/qlorafinetunes.qlora.io.yaml
-k wait --for=condition=Established --timeout=60s crd/qlorafinetunes.qlora.io
+step "Putting the operator and trainer images on the node"
+say "Built from Dockerfile.operator and Dockerfile.trainer with buildah on a Debian base when the cached archives"
+say "are missing (the first trainer build downloads torch: about 10 minutes), then imported into containerd."
+within "$cluster_timeout" "building and loading the images" \
+    "$py" hack/localcluster/localcluster.py load --dir "$dir" operator trainer
+
+# ---------------------------------------------------------------------------------- 2. operator (Helm)
+step "Installing the operator with its Helm chart (release qlora in $opns, watching $ns)"
+# Helm installs crds/ only on a first install, never upgrades it: the current CRD goes in first.
+k apply --server-side --force-conflicts -f crds/qlorafinetunes.qlora.io.yaml >/dev/null
+k wait --for=condition=Established --timeout=60s crd/qlorafinetunes.qlora.io >/dev/null
 k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
-say "namespace $ns"
-
-step "Starting the operator (watching namespace $ns; log: $demo/operator.log)"
-if [ -f "$demo/operator.pid" ]; then
-    old=$(cat "$demo/operator.pid")
-    if grep -qs qlora_operator "/proc/$old/cmdline"; then
-        say "stopping the operator of an earlier demo (pid $old)"
-        kill "$old" 2>/dev/null || true
-        for _ in $(seq 20); do kill -0 "$old" 2>/dev/null || break; sleep 0.5; done
-    fi
-fi
-free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-health_port=$(free_port)
-metrics_port=$(free_port)
-"$py" -m qlora_operator --namespaces "$ns" --scrape-interval 1 --status-min-interval 0.5 \
-    --health-port "$health_port" --metrics-port "$metrics_port" > "$demo/operator.log" 2>&1 &
-operator_pid=$!
-echo "$operator_pid" > "$demo/operator.pid"
-stop_operator() {  # SIGTERM, up to 20 s for kopf to finish, then SIGKILL
-    kill -0 "$operator_pid" 2>/dev/null || return 0
-    kill "$operator_pid" 2>/dev/null || true
-    for _ in $(seq 40); do kill -0 "$operator_pid" 2>/dev/null || return 0; sleep 0.5; done
-    kill -9 "$operator_pid" 2>/dev/null || true
-}
-trap 'rc=$?; stop_operator; [ $rc -eq 0 ] || echo "demo: stopped (exit $rc). Logs: $demo/, cluster logs: $dir/logs/" >&2' EXIT
-healthy() { kill -0 "$operator_pid" && "$py" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$health_port/healthz', timeout=2)"; }
-deadline=$(( $(date +%s) + 60 ))
-until healthy >/dev/null 2>&1; do
-    kill -0 "$operator_pid" 2>/dev/null || { tail -n 30 "$demo/operator.log" >&2; die "the operator exited at start (log above)"; }
-    [ "$(date +%s)" -lt "$deadline" ] || { tail -n 30 "$demo/operator.log" >&2; die "the operator was not healthy within 60s"; }
-    sleep 0.5
-done
-say "operator running (pid $operator_pid), health on :$health_port, its own metrics on :$metrics_port"
+within 360 "helm upgrade --install" "$dir/bin/helm" upgrade --install qlora charts/qlora-operator \
+    --namespace "$opns" --create-namespace --wait --timeout 5m \
+    --set "watchNamespaces[0]=$ns" --set metrics.scrapeInterval=1 --set-json status.minInterval=0.5 >/dev/null
+k -n "$opns" get pods -l app.kubernetes.io/instance=qlora -o wide
+operator_logs() { "$kubectl" -n "$opns" logs deploy/qlora-qlora-operator --tail="${1:-40}" 2>&1; }
 
 # ------------------------------------------------------------------------------------------ 3. inputs
 step "Making the demo's inputs: a tiny random-weight model and a Korean/English QA set"
@@ -145,7 +128,7 @@ say "Watching it (kubectl get qft -w). Loading takes a few seconds, then each st
 echo
 "$kubectl" -n "$ns" get qft "$name" -w &
 watch_pid=$!
-trap 'rc=$?; kill $watch_pid 2>/dev/null || true; stop_operator; [ $rc -eq 0 ] || echo "demo: stopped (exit $rc). Logs: $demo/, cluster logs: $dir/logs/" >&2' EXIT
+trap 'rc=$?; kill $watch_pid 2>/dev/null || true; [ $rc -eq 0 ] || { operator_logs > "$demo/operator.log"; echo "demo: stopped (exit $rc). Logs: $demo/, cluster logs: $dir/logs/" >&2; }' EXIT
 phase=""
 deadline=$(( $(date +%s) + run_timeout ))
 while :; do
@@ -155,7 +138,6 @@ while :; do
         kill "$watch_pid" 2>/dev/null || true
         die "the fine-tune did not finish within ${run_timeout}s (phase: ${phase:-none}); see $demo/operator.log and: $kubectl -n $ns describe qft $name"
     fi
-    kill -0 "$operator_pid" 2>/dev/null || die "the operator stopped; see $demo/operator.log"
     sleep 2
 done
 sleep 1
@@ -191,4 +173,5 @@ echo
 echo "The demo took $(( $(date +%s) - t0 ))s. The cluster stays up:"
 echo "  export KUBECONFIG=$KUBECONFIG"
 echo "  $kubectl -n $ns get qft $name -o yaml"
-echo "The operator was stopped (its log: $demo/operator.log). Stop the cluster with: make cluster-down CLUSTER_DIR=$dir"
+echo "The operator keeps running (kubectl -n $opns logs deploy/qlora-qlora-operator; helm -n $opns uninstall qlora removes it)."
+echo "Stop the cluster with: make cluster-down CLUSTER_DIR=$dir"

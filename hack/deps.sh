@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the tests and the local cluster need from the machine itself, once; quick when it is there.
 #
-# Debian packages: openssl (the local cluster's certificates), util-linux (unshare: the node agent's mount
-# namespaces), prometheus (the Prometheus-mode end-to-end test, and promtool for the chart's alert rules),
+# Debian packages: openssl (the local cluster's certificates), util-linux (umount: the node's teardown;
+# unshare), prometheus (the Prometheus-mode end-to-end test, and promtool for the chart's alert rules),
 # python3-venv where Python cannot make a venv; for the real node: iptables and iproute2 (its network),
 # pkg-config and libseccomp-dev (runc is built with seccomp), busybox-static (the node's busybox image);
-# for the images: buildah (builds the Dockerfiles without a daemon) and mmdebstrap (the local base image). Go builds the control plane from Go modules: Go 1.21 or newer,
+# for the images: buildah (builds the Dockerfiles without a daemon) and mmdebstrap (the local base image).
+# Go builds the control plane from Go modules: Go 1.21 or newer,
 # which with GOTOOLCHAIN=auto (the Makefile exports it) fetches the exact toolchain hack/localcluster/go.mod
 # pins from the module proxy; where no Go is on the machine, Debian's golang-go is tried (1.19 on Debian 12,
 # too old: then this says what to install). `make test`, `make demo`, `make cluster` and .ci/run call this.

@@ -10,17 +10,18 @@ Fixtures (the API other tests rely on; keep it stable):
     - `kubectl(*args, input=None, check=True, namespace=None, timeout=120)` -> CompletedProcess;
     - `kubectl_json(*args, namespace=None)` -> parsed `-o json` output;
     - `wait_until(fn, timeout=60, what="...")` -> fn's first truthy result, else fails with `what`;
-    - `add_image_rule(pattern, env=None, entrypoint=None, cmd=None, working_dir=None)`: lets the node agent
-      run more images (it re-reads `<dir>/images.yaml`); the default rules already run `python:*`,
-      `busybox*`, `qlora-trainer*` and `qlora-operator*` (and `*/qlora-trainer:*`, `*/qlora-operator:*`)
-      with the repo's venv on PATH and `operator/`, `trainer/` on PYTHONPATH.
+    - `load(*images)`: puts images on the node (idempotent): `operator` and `trainer`, the project's images
+      built from its Dockerfiles (cached; the first trainer build takes minutes), or image archive paths;
+      on an external cluster they must be there already.
 - `namespace` (function): a fresh namespace (its `default` ServiceAccount exists), deleted after the test.
 - `kubectl` (function): `cluster.kubectl` bound to `namespace`: `kubectl("get", "pods")` runs in it.
 
 Choosing the cluster:
-- default: a new local cluster per session (hack/localcluster/localcluster.py up --dir <tmp>);
+- default: a new local cluster per session with the real node (kubelet, containerd, runc:
+  hack/localcluster/localcluster.py up --node real --dir <tmp>); one node per machine, so the session stops
+  with a message while another cluster's node runs (`make cluster-down`, or reuse it as below);
 - `QLORA_TEST_CLUSTER_DIR=.localcluster`: reuse a cluster started by `make cluster` (left running);
-- `QLORA_TEST_EXTERNAL_CLUSTER=1` with `KUBECONFIG`: run against that cluster (no image rules there).
+- `QLORA_TEST_EXTERNAL_CLUSTER=1` with `KUBECONFIG`: run against that cluster (its nodes must have the images).
 """
 
 from __future__ import annotations
@@ -84,27 +85,11 @@ class LocalCluster:
         pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_error})"
                                                                           if last_error else ""))
 
-    def add_image_rule(self, pattern: str, env: dict | None = None, entrypoint: list | None = None,
-                       cmd: list | None = None, working_dir: str | None = None) -> None:
-        """Put a rule first in the node agent's image table (it re-reads the file within a second)."""
+    def load(self, *images: str | Path) -> None:
+        """Put images on the node: `operator`, `trainer` or image archives (imported once per cluster)."""
         if self.external or self.dir is None:
-            pytest.skip("image rules exist only on the local cluster")
-        path = self.dir / "images.yaml"
-        table = json.loads(path.read_text())  # written as JSON, which YAML reads as well
-        rule = {"pattern": pattern, "env": env or {},
-                # the repo and venv stay visible in its pods, as in the agent's own rules
-                "contents": next((r["contents"] for r in table["images"] if r.get("contents")), [])}
-        if entrypoint is not None:
-            rule["entrypoint"] = entrypoint
-        if cmd is not None:
-            rule["cmd"] = cmd
-        if working_dir:
-            rule["workingDir"] = working_dir
-        table["images"] = [rule] + [r for r in table["images"] if r["pattern"] != pattern]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.rename(path)
-        time.sleep(1.1)  # the agent notices a new mtime on its next pass
+            return
+        localcluster("load", "--dir", str(self.dir), *map(str, images))
 
 
 def localcluster(*args: str, check: bool = True, env: dict | None = None,
@@ -132,12 +117,12 @@ def cluster(tmp_path_factory) -> LocalCluster:
     reuse = os.environ.get("QLORA_TEST_CLUSTER_DIR")
     if reuse:
         d = Path(reuse).absolute()
-        localcluster("up", "--dir", str(d))  # a no-op when it runs already
+        localcluster("up", "--dir", str(d), "--node", "real")  # a no-op when it runs already
         yield LocalCluster(d, d / "kubeconfig", d / "bin")
         return
     d = tmp_path_factory.mktemp("localcluster")
     # --owner-pid: should this session be killed before its teardown, the cluster goes down by itself
-    localcluster("up", "--dir", str(d), "--owner-pid", str(os.getpid()))
+    localcluster("up", "--dir", str(d), "--node", "real", "--owner-pid", str(os.getpid()))
     try:
         yield LocalCluster(d, d / "kubeconfig", d / "bin")
     finally:

@@ -10,9 +10,10 @@
 `up` builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and helm from the Go
 modules in this folder (cached outside the repo, keyed by a hash of the inputs), generates a CA and
 certificates, starts every component on free loopback ports as a daemon that outlives this command, starts
-the node agent (nodeagent.py, which stands in for the kubelet and the container runtime), waits until the
-node is Ready and writes `<dir>/kubeconfig`. Logs are in `<dir>/logs/`. Every wait has a timeout and names
-the component that failed. Only the standard library is used here; the node agent needs `kubernetes`.
+the node (node.py: a kubelet, containerd and runc, the CNI plugins, a GPU device plugin, the volume provisioner
+and CoreDNS; one per machine), waits until the node is Ready and writes `<dir>/kubeconfig`. `load` puts images on
+the node (the project's, built by images.py). Logs are in `<dir>/logs/`. Every wait has a timeout and names the
+component that failed. Only the standard library is used here.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ import storage  # noqa: E402
 REPO = HERE.parent.parent
 MARKER = ".localcluster"
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
-# What runs the pods: the real node (kubelet, containerd, runc), the older stand-in, or no node at all.
-NODE_KINDS = {"real": node.COMPONENTS, "standin": ("nodeagent",), "none": ()}
+# What runs the pods: the node (kubelet, containerd, runc), or none (a control plane alone: a second cluster
+# on a machine whose one node another cluster holds).
+NODE_KINDS = {"real": node.COMPONENTS, "none": ()}
 LOCALKUBE_NAMES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy")
 SERVICE_CIDR = node.SERVICE_CIDR
 NODE_NAME = node.NODE_NAME
@@ -259,23 +261,6 @@ def port_is_free(port: int) -> bool:
             return False
 
 
-def pod_ip_prefix() -> str:
-    """A 127.N prefix for pod IPs that no listening socket of another cluster on this machine uses."""
-    used = set()
-    for table in ("/proc/net/tcp",):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                addr = line.split()[1].split(":")[0]
-                octets = bytes.fromhex(addr)[::-1]  # little-endian hex of the IPv4 address
-                if octets[0] == 127:
-                    used.add(octets[1])
-    for _ in range(100):
-        n = int.from_bytes(os.urandom(1), "big") % 240 + 10
-        if n not in used:
-            return f"127.{n}"
-    raise ClusterError("no free 127.N prefix for pod IPs; stop other local clusters")
-
-
 def alive(pid: int) -> bool:
     """True while the process runs; a zombie (nobody reaped it) counts as dead."""
     try:
@@ -320,9 +305,8 @@ class Cluster:
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     bin_dir: str = ""
-    pod_ip_prefix: str = ""
     started: float = 0.0
-    node: str = "standin"
+    node: str = "real"
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -351,7 +335,7 @@ class Cluster:
     def save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"ports": self.ports, "pids": self.pids, "bin_dir": self.bin_dir,
-                                   "pod_ip_prefix": self.pod_ip_prefix, "started": self.started,
+                                   "started": self.started,
                                    "node": self.node}, indent=1))
         tmp.rename(self.state_file)
 
@@ -361,6 +345,7 @@ class Cluster:
             data = json.loads((d / "state.json").read_text())
         except (OSError, ValueError):
             return None
+        data.pop("pod_ip_prefix", None)  # written by older versions
         return cls(dir=d, **data)
 
     def dead_components(self) -> list[str]:
@@ -493,41 +478,6 @@ def link_bins(c: Cluster, bin_dir: Path) -> None:
         link.symlink_to(target)
 
 
-def default_images(python: str) -> str:
-    """The node agent's image table: which images it runs and with what environment (first match wins)."""
-    venv_bin = str(Path(python).parent)
-    path = f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    pythonpath = f"{REPO / 'operator'}:{REPO / 'trainer'}:{REPO}"
-    base = {"PATH": path, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"}
-    contents = sorted({str(REPO), str(Path(python).parent.parent), os.path.realpath(Path(python).parent.parent)})
-    rules = [
-        {"pattern": "qlora-operator*", "env": base, "entrypoint": ["python", "-m", "qlora_operator"]},
-        {"pattern": "*/qlora-operator:*", "env": base, "entrypoint": ["python", "-m", "qlora_operator"]},
-        {"pattern": "*/qlora-operator", "env": base, "entrypoint": ["python", "-m", "qlora_operator"]},
-        {"pattern": "qlora-trainer*", "env": base, "entrypoint": ["python", "-m", "qlora_trainer"]},
-        {"pattern": "*/qlora-trainer:*", "env": base, "entrypoint": ["python", "-m", "qlora_trainer"]},
-        {"pattern": "*/qlora-trainer", "env": base, "entrypoint": ["python", "-m", "qlora_trainer"]},
-        {"pattern": "python:*", "env": base, "cmd": ["python3"]},
-        {"pattern": "python", "env": base, "cmd": ["python3"]},
-    ]
-    for rule in rules:
-        rule["contents"] = contents
-    rules += [
-        {"pattern": "busybox*", "env": {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-         "cmd": ["sh"]},
-    ]
-    return json.dumps({"images": rules}, indent=1)
-
-
-def check_agent_python() -> None:
-    """The node agent runs with this interpreter and needs the Kubernetes client and PyYAML."""
-    probe = subprocess.run([sys.executable, "-c", "import kubernetes, yaml, urllib3"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        raise ClusterError(f"{sys.executable} lacks the node agent's packages ({probe.stderr.strip().splitlines()[-1]}); "
-                           "run this with the project's venv (`make venv`, then .venv/bin/python) or "
-                           "`pip install kubernetes pyyaml`")
-
-
 def claim_the_node(d: Path) -> None:
     """The real node needs this machine's root, cgroups and overlayfs, and is one per machine."""
     problems = node.host_problems()
@@ -590,8 +540,8 @@ def reap(d: Path, owner_pid: int) -> None:
         down(d)
 
 
-def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, timeout: float,
-       owner_pid: int | None = None, node_kind: str = "standin") -> Cluster:
+def up(d: Path, gpus: int, apiserver_port: int | None, timeout: float, owner_pid: int | None = None,
+       node_kind: str = "real") -> Cluster:
     d.mkdir(parents=True, exist_ok=True)
     if any(d.iterdir()) and not (d / MARKER).exists():
         raise ClusterError(f"{d} is not empty and was not made by localcluster; remove it or pick another --dir")
@@ -608,18 +558,16 @@ def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, ti
             teardown(existing, remove=False)
         for sub in ("pki", "etcd", "logs", "conf", "node", "bin"):
             shutil.rmtree(d / sub, ignore_errors=True)
-        for f in ("state.json", "kubeconfig", "images.yaml"):
+        for f in ("state.json", "kubeconfig"):
             (d / f).unlink(missing_ok=True)
 
         t0 = time.monotonic()
-        if node_kind == "standin":
-            check_agent_python()
         if node_kind == "real":
             claim_the_node(d)
         bin_dir, compiled = build()
         say(f"binaries: {'compiled ' + ', '.join(compiled) if compiled else 'cached, built nothing'} ({bin_dir})")
         node_bins = build_node_bins() if node_kind == "real" else None
-        c = Cluster(dir=d, bin_dir=str(bin_dir), started=time.time(), pod_ip_prefix=pod_ip_prefix(), node=node_kind)
+        c = Cluster(dir=d, bin_dir=str(bin_dir), started=time.time(), node=node_kind)
         for sub in ("logs", "conf", "node"):
             (d / sub).mkdir()
         link_bins(c, bin_dir)
@@ -637,11 +585,7 @@ def up(d: Path, gpus: int, cpu: str, memory: str, apiserver_port: int | None, ti
             start_with_port_retry(c, "kube-controller-manager", ["controller-manager"],
                                   lambda: start_controller_manager(c, b, timeout))
             start_with_port_retry(c, "kube-scheduler", ["scheduler"], lambda: start_scheduler(c, b, timeout))
-            if node_kind == "standin":
-                (d / "images.yaml").write_text(default_images(sys.executable))
-                start_with_port_retry(c, "nodeagent", ["kubelet"],
-                                      lambda: start_nodeagent(c, gpus, cpu, memory, timeout, owner_pid))
-            elif node_kind == "real":
+            if node_kind == "real":
                 start_real_node(c, node_bins, gpus, timeout, owner_pid)
         except ClusterError:
             teardown(c, remove=False)  # no half-started daemons left behind; logs stay for a look
@@ -733,38 +677,14 @@ def start_scheduler(c: Cluster, b: Path, timeout: float) -> None:
         c.get(f"https://127.0.0.1:{port}/readyz")), timeout, "ready")
 
 
-def start_nodeagent(c: Cluster, gpus: int, cpu: str, memory: str, timeout: float, owner_pid: int | None) -> None:
-    owner = ["--owner-pid", str(owner_pid), "--cluster-dir", str(c.dir)] if owner_pid else []
-    c.start("nodeagent", [
-        sys.executable, str(HERE / "nodeagent.py"), "--kubeconfig", str(c.kubeconfig), "--node-name", NODE_NAME,
-        "--state-dir", str(c.dir / "node"), "--images", str(c.dir / "images.yaml"),
-        "--kubelet-port", str(c.ports["kubelet"]), "--pod-ip-prefix", c.pod_ip_prefix,
-        "--tls-cert", str(c.pki / "node.crt"), "--tls-key", str(c.pki / "node.key"),
-        "--client-ca", str(c.pki / "ca.crt"), "--cpu", cpu, "--memory", memory, "--gpus", str(gpus),
-        "--api-port", str(c.ports["apiserver"]), "--storage-class", STORAGE_CLASS, *owner,
-    ])
-    c.wait_for("nodeagent", c.node_ready, timeout, "Ready")
-
-
 # ---------------------------------------------------------------------------------------------- down
-
-def agent_pod_groups(d: Path) -> list[int]:
-    """Process groups of pods the node agent started (it records them), to stop them if it cannot."""
-    groups = []
-    for f in (d / "node" / "pods").glob("*/pgids"):
-        with contextlib.suppress(OSError, ValueError):
-            groups += [int(x) for x in f.read_text().split()]
-    return groups
-
 
 def teardown(c: Cluster, remove: bool = True) -> None:
     if c.node == "real":
         node.tear_down(c.dir, c.pids, stop_group)
-    for name in reversed(c.components):  # the node first: it stops the pods' processes
+    for name in reversed(c.components):
         if name in c.pids and alive(c.pids[name]):
-            stop_group(c.pids[name], grace=15 if name == "nodeagent" else 10)
-    for pgid in agent_pod_groups(c.dir):
-        stop_group(pgid, grace=2)
+            stop_group(c.pids[name], grace=10)
     if remove:
         shutil.rmtree(c.dir, ignore_errors=True)
 
@@ -777,7 +697,28 @@ def down(d: Path) -> None:
         raise ClusterError(f"{d} was not made by localcluster; not touching it")
     c = Cluster.load(d) or Cluster(dir=d)
     teardown(c)
+    left = node.leftovers(d) if c.node == "real" else []
+    if left:
+        raise ClusterError(f"the node of {d} left on this machine: {'; '.join(left)}")
     say(f"stopped and removed {d}")
+
+
+def load(d: Path, names: list[str], archives: list[Path]) -> None:
+    """Put images on the real node: the project's (`operator`, `trainer`: built by images.py from the
+    Dockerfiles when their cached archives are missing) and any image archives, under the names they carry."""
+    c = Cluster.load(d)
+    if c is None or c.node != "real" or not c.healthy():
+        raise ClusterError(f"no running cluster with a real node in {d}; start one first (`up --dir {d} --node real`)")
+    if names:
+        import images  # only here: the image builder's tools are not needed by the other commands
+        try:
+            archives = [*images.ensure_images(tuple(names)).values(), *archives]
+        except images.ImagesError as e:
+            raise ClusterError(str(e)) from None
+    t0 = time.monotonic()
+    imported = node.import_images(build_node_bins(), node.Layout(d), archives)
+    say(f"images on the node: {', '.join(a.name for a in imported) or 'all there already'}"
+        f"{f' (imported in {time.monotonic() - t0:.0f}s)' if imported else ''}")
 
 
 def status(d: Path) -> int:
@@ -792,8 +733,12 @@ def status(d: Path) -> int:
         print(f"{name:24} pid {pid or '-':>7}  {state:12} {mem.get(name, 0) / 2**20:7.0f} MiB  "
               f"log {c.logs / (name + '.log')}")
     ready = c.get(f"{c.server}/readyz")[0] == 200
-    node_ok, node_msg = c.node_ready() if ready else (False, "API not ready")
-    print(f"API server {c.server} ready={ready}; node {NODE_NAME} Ready={node_ok} ({node_msg})")
+    if c.node == "none":
+        node_ok, node_msg = True, "no node: a control plane alone"
+        print(f"API server {c.server} ready={ready}; {node_msg}")
+    else:
+        node_ok, node_msg = c.node_ready() if ready else (False, "API not ready")
+        print(f"API server {c.server} ready={ready}; node {NODE_NAME} Ready={node_ok} ({node_msg})")
     control_plane = sum(v for k, v in mem.items() if k in CONTROL_PLANE)
     print(f"memory (RSS): control plane {control_plane / 2**20:.0f} MiB, with the node "
           f"{sum(mem.values()) / 2**20:.0f} MiB (without the pods)")
@@ -803,20 +748,19 @@ def status(d: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["build", "up", "down", "status", "env", "reap"])
-    ap.add_argument("--node", choices=sorted(NODE_KINDS), default=os.environ.get("LOCALCLUSTER_NODE", "standin"),
-                    help="what runs the pods: the real kubelet, containerd and runc; the stand-in; none")
+    ap.add_argument("command", choices=["build", "up", "load", "down", "status", "env", "reap"])
+    ap.add_argument("images", nargs="*", help="load: `operator`, `trainer` (the project's images) or archive paths")
+    ap.add_argument("--node", choices=sorted(NODE_KINDS), default=os.environ.get("LOCALCLUSTER_NODE", "real"),
+                    help="real: the node (kubelet, containerd, runc); none: a control plane alone")
     ap.add_argument("--dir", default=".localcluster", help="state folder (default .localcluster)")
     ap.add_argument("--with-node", action="store_true", help="build: also the real node's runtime binaries")
     ap.add_argument("--gpus", type=int, default=int(os.environ.get("LOCALCLUSTER_GPUS", "2")),
                     help="nvidia.com/gpu capacity of the node (default 2)")
-    ap.add_argument("--cpu", default=os.environ.get("LOCALCLUSTER_CPU", "8"))
-    ap.add_argument("--memory", default=os.environ.get("LOCALCLUSTER_MEMORY", "32Gi"))
     ap.add_argument("--apiserver-port", type=int, default=None, help="preferred port; a busy one is replaced")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds each component may take to be ready")
     ap.add_argument("--owner-pid", type=int, default=None,
                     help="take the cluster down when this process ends (test sessions that may be killed)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # `load --dir D operator trainer`
     d = Path(args.dir).absolute()
     try:
         if args.command == "build":
@@ -825,8 +769,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.node == "real" or args.with_node:
                 say(f"the node's runtime: {build_node_bins()}")
         elif args.command == "up":
-            up(d, args.gpus, args.cpu, args.memory, args.apiserver_port, args.timeout, args.owner_pid, args.node)
+            up(d, args.gpus, args.apiserver_port, args.timeout, args.owner_pid, args.node)
             print(f"export KUBECONFIG={d / 'kubeconfig'} PATH={d / 'bin'}:$PATH")
+        elif args.command == "load":
+            names = [i for i in args.images if i in ("operator", "trainer")]
+            load(d, names, [Path(i).absolute() for i in args.images if i not in names])
         elif args.command == "down":
             down(d)
         elif args.command == "status":

@@ -359,9 +359,21 @@ def ctr(bins: Path, lay: Layout, *args: str) -> list[str]:
     return [str(bins / "ctr"), "--address", str(lay.socket), "--namespace", "k8s.io", *args]
 
 
-def import_images(bins: Path, lay: Layout, archives: list[Path]) -> None:
+def import_images(bins: Path, lay: Layout, archives: list[Path]) -> list[Path]:
+    """Import image archives (docker-archive or OCI) into the node's containerd under the names they carry; an
+    archive imported before, unchanged, is skipped (the trainer's takes a minute). Returns those imported."""
+    record = lay.node / "imported.json"
+    seen = json.loads(record.read_text()) if record.exists() else {}
+    done = []
     for archive in archives:
+        stamp = f"{archive.stat().st_size}:{archive.stat().st_mtime_ns}"
+        if seen.get(str(archive)) == stamp:
+            continue
         run(*ctr(bins, lay, "images", "import", str(archive)))
+        seen[str(archive)] = stamp
+        record.write_text(json.dumps(seen, indent=1))
+        done.append(archive)
+    return done
 
 
 def write_configs(lay: Layout, bins: Path, pki: Path, kubeconfig_text: str, port: int, healthz_port: int) -> None:
@@ -386,6 +398,21 @@ def kubelet_argv(localkube: Path, lay: Layout) -> list[str]:
 
 def fake_gpu_argv(localkube: Path, gpus: int) -> list[str]:
     return [str(localkube), "fake-gpu-plugin", "--count", str(gpus), "--resource", "nvidia.com/gpu"]
+
+
+def leftovers(d: Path) -> list[str]:
+    """What a node that was taken down left on the host: empty when `tear_down` did its job."""
+    found = [f"mount {m}" for m in mounts_under(d)] + [f"cgroup {cg}" for cg in pod_cgroups()]
+    if run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+        found.append(f"link {BRIDGE}")
+    if NODE_IP in run("ip", "-4", "addr", "show", "dev", "lo", check=False).stdout:
+        found.append(f"address {NODE_IP} on lo")
+    nat = run("iptables", "-t", "nat", "-S", check=False).stdout
+    found += [f"iptables chain {c}" for c in (NAT_CHAIN, "KUBE-KUBELET-CANARY") if c in nat]
+    for name, path in HOST_STATE.items():
+        if path.exists() and any(path.iterdir()):
+            found.append(f"{name} in {path}")
+    return found
 
 
 def tear_down(d: Path, pids: dict[str, int], stop_group) -> None:

@@ -9,9 +9,10 @@ For cluster and e2e tests (import the fixtures in a conftest or test module:
 - `start_operator(cluster, namespaces, **settings)` -> OperatorProcess, started: for a second operator, other
   settings (`trainer_image="..."`, `status_min_interval=1`, ... any `Settings` field, given as flags), or
   another namespace set. Stop it yourself (`stop()`), or use it as a context manager.
-- `standin_image` (session): an image name (`qlora-standin:1`) whose pods run
+- `standin_image` (session): an image (`qlora-standin:1`, on the node) whose pods run
   tests/cluster/standin/qlora_trainer instead of the real trainer: it validates the operator's config and
   then sleeps/exits as its environment says (STANDIN_SLEEP, STANDIN_EXIT, STANDIN_MESSAGE, STANDIN_SUMMARY).
+  Built from tests/cluster/standin/Containerfile on the operator image (cached), and imported into the node.
 
 `OperatorProcess`: `start()`, `stop()` (SIGTERM, then SIGKILL), `kill()` (SIGKILL: a crash), `restart()`,
 `running`, `pid`, `log(since_start=False)` (what it printed), `metrics()` (its Prometheus text), `healthy()`,
@@ -36,6 +37,9 @@ REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "qlorafinetunes.qlora.io.yaml"
 STANDIN = REPO / "tests" / "cluster" / "standin"
 STANDIN_IMAGE = "qlora-standin:1"
+
+sys.path.insert(0, str(REPO / "hack" / "localcluster"))
+import images  # noqa: E402
 
 
 def free_port() -> int:
@@ -175,12 +179,8 @@ def crd(cluster):
 
 @pytest.fixture(scope="session")
 def standin_image(cluster) -> str:
-    venv_bin = str(Path(sys.executable).parent)
-    cluster.add_image_rule("qlora-standin*", env={
-        "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin",
-        "PYTHONPATH": str(STANDIN),
-        "PYTHONUNBUFFERED": "1",
-    })
+    if not cluster.external:
+        cluster.load(images.ensure_derived(STANDIN_IMAGE, STANDIN / "Containerfile"))
     return STANDIN_IMAGE
 
 

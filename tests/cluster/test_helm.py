@@ -1,8 +1,8 @@
 """The Helm chart on a real API server: install, a run to Succeeded, minimal RBAC, upgrade, uninstall.
 
-`helm install` puts the operator in as the chart's Deployment; the node agent runs the operator image's
-entrypoint (`python -m qlora_operator`) with the pod's projected ServiceAccount token, so every API call it makes
-is authorised by the chart's RBAC and nothing else. A QLoRAFinetune then runs (trainer stood in by
+`helm install` puts the operator in as the chart's Deployment; the node runs the operator image (built from
+Dockerfile.operator) as the chart says (non-root, read-only root filesystem) with the pod's projected
+ServiceAccount token, so every API call it makes is authorised by the chart's RBAC and nothing else. A QLoRAFinetune then runs (trainer stood in by
 tests/cluster/standin through `trainer.image`) to `Succeeded`: the RBAC is enough.
 
 Minimal: the operator, run under the chart's ServiceAccount token through a recording proxy, goes through a
@@ -348,6 +348,7 @@ def test_requests_map_to_what_the_authorizer_checks(method, url, expected):
 @pytest.fixture(scope="module")
 def release(cluster, standin_image):
     """The chart installed with its defaults (cluster-wide), but the stand-in trainer and a test base model."""
+    cluster.load("operator")  # the image the chart's defaults name, built from Dockerfile.operator
     ns = f"qlora-system-{uuid.uuid4().hex[:6]}"
     # The Pod Security Standards' "restricted" profile, enforced by the API server's PodSecurity admission:
     # an operator pod that broke it would never be created.

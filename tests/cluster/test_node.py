@@ -1,21 +1,19 @@
 """The real node (issue 16): a kubelet, containerd and runc enforce what a cluster enforces, here.
 
-A cluster of its own for this module (`localcluster.py up --node real`), beside the session's: the real node is
-one per machine, so the module takes it, and its last test takes it down and checks that nothing is left.
+These run on the session's cluster (tests/conftest.py), whose node is the real one; `localcluster down`, at the
+session's end, checks that the node left nothing on the machine (no mount, cgroup, link, rule or CNI result).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, LocalCluster, localcluster
+from tests.conftest import REPO, LocalCluster
 
 sys.path.insert(0, str(REPO / "hack" / "localcluster"))
 import node  # noqa: E402
@@ -25,24 +23,16 @@ pytestmark = pytest.mark.cluster
 BUSYBOX = node.BUSYBOX_IMAGE
 
 
-@pytest.fixture(scope="module")
-def real(tmp_path_factory) -> LocalCluster:
-    d = tmp_path_factory.mktemp("realnode")
-    localcluster("up", "--dir", str(d), "--node", "real", "--gpus", "2", "--owner-pid", str(os.getpid()))
-    try:
-        yield LocalCluster(d, d / "kubeconfig", d / "bin")
-    finally:
-        localcluster("down", "--dir", str(d), check=False)
+@pytest.fixture
+def real(cluster) -> LocalCluster:
+    if cluster.external:
+        pytest.skip("checks the local cluster's own node")
+    return cluster
 
 
 @pytest.fixture
-def ns(real):
-    name = f"n-{os.urandom(4).hex()}"
-    real.kubectl("create", "namespace", name)
-    real.wait_until(lambda: real.kubectl("get", "serviceaccount", "default", namespace=name, check=False)
-                    .returncode == 0, timeout=60, what=f"the default ServiceAccount of {name}")
-    yield name
-    real.kubectl("delete", "namespace", name, "--wait=false", check=False)
+def ns(namespace) -> str:
+    return namespace
 
 
 def busybox_pod(name: str, script: str, restart: str = "Never", **container) -> dict:
@@ -205,31 +195,3 @@ def _get(url: str) -> str | None:
             return r.read().decode()
     except OSError:
         return None
-
-
-def test_down_leaves_nothing_behind(real):
-    """Last in the module: take the node down while pods run and check the host is as before."""
-    assert node.owner_of_the_node() == real.dir
-    localcluster("down", "--dir", str(real.dir))
-    assert not real.dir.exists()
-    assert node.mounts_under(real.dir) == []
-    assert node.pod_cgroups() == []
-    assert node.owner_of_the_node() is None
-    assert subprocess.run(["ip", "link", "show", node.BRIDGE], capture_output=True).returncode != 0
-    assert node.NODE_IP not in subprocess.run(["ip", "-4", "addr", "show", "dev", "lo"], capture_output=True,
-                                              text=True).stdout
-    nat = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True).stdout
-    assert node.NAT_CHAIN not in nat and "KUBE-KUBELET-CANARY" not in nat
-    for name, path in node.HOST_STATE.items():
-        assert not path.exists() or not any(path.iterdir()), f"{name} left in {path}"
-    # the reaper (owner-pid) notices the folder is gone within a second and ends
-    real.wait_until(lambda: not [p for p in Path("/proc").iterdir()
-                                 if p.name.isdigit() and _cmdline_mentions(p, str(real.dir))],
-                    10, f"every process of {real.dir} to end")
-
-
-def _cmdline_mentions(proc: Path, text: str) -> bool:
-    try:
-        return text.encode() in (proc / "cmdline").read_bytes()
-    except OSError:
-        return False

@@ -2,7 +2,8 @@
 `QLoRAFinetune` applied with kubectl, and a recorder of the resource's status as the API server serves it.
 
 - `tiny_model` (session): the tiny random-weight model folder (hack/demo/inputs.py), made once.
-- `demo_inputs` (function): in the test's namespace, the `models` and `adapters` volumes with the model copied
+- `trainer_image` (session): the trainer image (Dockerfile.trainer, the operator's default) on the node.
+- `demo_inputs` (function): the trainer image on the node and, in the test's namespace, the `models` and `adapters` volumes with the model copied
   in, and the `demo-qa` (good) and `demo-qa-bad` (line 3 without an answer) ConfigMaps.
 - `finetune(name, **training)`: the demo resource (hack/demo/finetune.yaml) under another name, training
   overrides merged in; `apply(resource)` applies it with `kubectl apply -f -`.
@@ -67,8 +68,13 @@ class DemoInputs:
         return self.output_root / resource["spec"]["output"]["pvc"]["path"]
 
 
+@pytest.fixture(scope="session")
+def trainer_image(cluster) -> None:
+    cluster.load("trainer")  # built from Dockerfile.trainer when its cached archive is missing
+
+
 @pytest.fixture
-def demo_inputs(cluster, namespace, tiny_model) -> DemoInputs:
+def demo_inputs(cluster, namespace, tiny_model, trainer_image) -> DemoInputs:
     return DemoInputs(cluster, namespace, tiny_model)
 
 
@@ -164,7 +170,8 @@ def condition(status: dict, type_: str) -> dict:
 
 
 def trainer_pid(pod_ip: str) -> int | None:
-    """The pid of the trainer process of the pod with this IP (the node agent runs pods as local processes)."""
+    """The pid, on this machine, of the trainer process of the pod with this IP (the container's processes are
+    the host's too, in namespaces of their own; its environment holds the POD_IP the Job sets)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue

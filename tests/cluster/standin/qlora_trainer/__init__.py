@@ -1,5 +1,6 @@
-"""A stand-in for the trainer in cluster tests of the operator (tests/cluster/test_operator.py).
+"""A stand-in for the trainer in cluster tests of the operator (tests/cluster/test_operator.py, test_helm.py).
 
-The node agent runs images named `qlora-standin*` with this folder first on PYTHONPATH, so the Job's command
-`python -m qlora_trainer --config FILE` runs `__main__` here instead of the real trainer.
+Its image (tests/cluster/standin/Containerfile: the operator image, which holds the trainer's torch-free config
+models, with this folder first on PYTHONPATH) makes the Job's command `python -m qlora_trainer --config FILE` run
+`__main__` here instead of the real trainer.
 """
