@@ -465,6 +465,10 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
     )
     log.info("speed: %s", fast.describe())
     args = training_arguments(cfg, has_eval=bool(data.eval), packing=packing, eval_on_start=resume is None)
+    if args.world_size > 1:  # the arguments joined the process group: say which worker this log is of
+        import torch.distributed as dist
+
+        log.info("data parallel: worker %d of %d (%s)", args.process_index, args.world_size, dist.get_backend())
     if fast.owns_checkpointing:
         args.activation_checkpointing = False  # speed.configure set it per block
     if fast.padded_batch:
