@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A real Kubernetes control plane on one machine, for tests and the demo.
 
-    python hack/localcluster/localcluster.py build                 # compile (or find cached) binaries
-    python hack/localcluster/localcluster.py up     [--dir .localcluster]
+    python hack/localcluster/localcluster.py build  [--with-node]  # compile (or find cached) binaries
+    python hack/localcluster/localcluster.py up     [--dir .localcluster] [--node real|none]
+    python hack/localcluster/localcluster.py load   [--dir .localcluster] operator trainer [ARCHIVE ...]
     python hack/localcluster/localcluster.py status [--dir .localcluster]
     python hack/localcluster/localcluster.py env    [--dir .localcluster]   # eval "$(... env)"
     python hack/localcluster/localcluster.py down   [--dir .localcluster]
@@ -51,7 +52,6 @@ NODE_KINDS = {"real": node.COMPONENTS, "none": ()}
 LOCALKUBE_NAMES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy")
 SERVICE_CIDR = node.SERVICE_CIDR
 NODE_NAME = node.NODE_NAME
-STORAGE_CLASS = "local-path"
 
 
 class ClusterError(Exception):
@@ -766,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             bin_dir, compiled = build()
             print(f"{'compiled ' + ', '.join(compiled) if compiled else 'cached, built nothing'}: {bin_dir}")
-            if args.node == "real" or args.with_node:
+            if args.with_node:
                 say(f"the node's runtime: {build_node_bins()}")
         elif args.command == "up":
             up(d, args.gpus, args.apiserver_port, args.timeout, args.owner_pid, args.node)
