@@ -19,6 +19,7 @@ storage (overlay driver: layers shared, not copied as vfs would; the trainer's a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -174,10 +175,24 @@ def run(argv: Sequence[str], what: str, **kwargs) -> subprocess.CompletedProcess
     return proc
 
 
+def has_image(storage: Path, ref: str) -> bool:
+    return subprocess.run([*buildah_argv(storage), "inspect", "--type", "image", ref],
+                          capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def build_lock(cache: Path):
+    """Held while building: another process waits, then finds the archive it would have built."""
+    (cache / "images").mkdir(parents=True, exist_ok=True)
+    with open(cache / "images" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_base(storage: Path, key: str) -> str:
     """The Debian base in buildah's storage, made with mmdebstrap if missing; returns its reference."""
     ref = f"localhost/qlora-base:{key}"
-    if subprocess.run([*buildah_argv(storage), "inspect", "--type", "image", ref], capture_output=True).returncode == 0:
+    if has_image(storage, ref):
         return ref
     require("mmdebstrap")
     with tempfile.TemporaryDirectory(prefix="qlora-base-", dir=storage) as tmp:
@@ -234,10 +249,8 @@ def ensure_images(names: Sequence[str] = ("operator", "trainer"), cache: Path = 
     out = {name: archive_path(cache / "images", name, key) for name, key in wanted.items()}
     if all(path.is_file() for path in out.values()):
         return out
-    (cache / "images").mkdir(parents=True, exist_ok=True)
     (cache / "buildah").mkdir(parents=True, exist_ok=True)
-    with open(cache / "images" / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building: wait, then look again
+    with build_lock(cache):
         missing = [name for name in names if not out[name].is_file()]
         if missing:
             require("buildah")
@@ -259,12 +272,10 @@ def ensure_derived(reference: str, containerfile: Path, base: str = "operator", 
     if out.is_file():
         return out
     storage, base_ref = cache / "buildah", image_names()[base]
-    with open(cache / "images" / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(cache):
         if not out.is_file():
             # the base is in buildah's storage when it was built here; otherwise from its archive
-            if subprocess.run([*buildah_argv(storage), "inspect", "--type", "image", base_ref],
-                              capture_output=True).returncode != 0:
+            if not has_image(storage, base_ref):
                 run([*buildah_argv(storage), "pull", f"docker-archive:{base_archive}"], f"buildah pull of {base}")
             run(bud_argv(storage, str(containerfile), str(context), base_ref, reference),
                 f"buildah bud of {containerfile}")

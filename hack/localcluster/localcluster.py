@@ -703,18 +703,19 @@ def down(d: Path) -> None:
     say(f"stopped and removed {d}")
 
 
-def load(d: Path, names: list[str], archives: list[Path]) -> None:
-    """Put images on the real node: the project's (`operator`, `trainer`: built by images.py from the
-    Dockerfiles when their cached archives are missing) and any image archives, under the names they carry."""
+def load(d: Path, wanted: list[str]) -> None:
+    """Put images on the real node: the project's, by name (`operator`, `trainer`: built by images.py from the
+    Dockerfiles when their cached archives are missing), and image archives, by path, under the names they carry."""
     c = Cluster.load(d)
     if c is None or c.node != "real" or not c.healthy():
         raise ClusterError(f"no running cluster with a real node in {d}; start one first (`up --dir {d} --node real`)")
-    if names:
-        import images  # only here: the image builder's tools are not needed by the other commands
-        try:
-            archives = [*images.ensure_images(tuple(names)).values(), *archives]
-        except images.ImagesError as e:
-            raise ClusterError(str(e)) from None
+    import images  # only here: the image builder is not needed by the other commands
+    names = [w for w in wanted if w in images.DOCKERFILES]
+    archives = [Path(w).absolute() for w in wanted if w not in names]
+    try:
+        archives = [*images.ensure_images(tuple(names)).values(), *archives] if names else archives
+    except images.ImagesError as e:
+        raise ClusterError(str(e)) from None
     t0 = time.monotonic()
     imported = node.import_images(build_node_bins(), node.Layout(d), archives)
     say(f"images on the node: {', '.join(a.name for a in imported) or 'all there already'}"
@@ -772,8 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             up(d, args.gpus, args.apiserver_port, args.timeout, args.owner_pid, args.node)
             print(f"export KUBECONFIG={d / 'kubeconfig'} PATH={d / 'bin'}:$PATH")
         elif args.command == "load":
-            names = [i for i in args.images if i in ("operator", "trainer")]
-            load(d, names, [Path(i).absolute() for i in args.images if i not in names])
+            load(d, args.images)
         elif args.command == "down":
             down(d)
         elif args.command == "status":

@@ -227,11 +227,19 @@ def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def node_ip_on_lo() -> bool:
+    return NODE_IP in run("ip", "-4", "addr", "show", "dev", "lo").stdout
+
+
+def bridge_exists() -> bool:
+    return run("ip", "link", "show", BRIDGE, check=False).returncode == 0
+
+
 def set_up_network(api_port: int, dns_port: int) -> None:
     """The node IP on lo, the bridge with its gateway address and route_localnet, and the API server's DNAT."""
-    if NODE_IP not in run("ip", "-4", "addr", "show", "dev", "lo").stdout:
+    if not node_ip_on_lo():
         run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
-    if run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
+    if not bridge_exists():
         run("ip", "link", "add", BRIDGE, "type", "bridge")
     if POD_GATEWAY not in run("ip", "-4", "addr", "show", "dev", BRIDGE).stdout:
         run("ip", "addr", "add", f"{POD_GATEWAY}/{POD_CIDR.split('/')[1]}", "dev", BRIDGE)
@@ -366,7 +374,8 @@ def import_images(bins: Path, lay: Layout, archives: list[Path]) -> list[Path]:
     seen = json.loads(record.read_text()) if record.exists() else {}
     done = []
     for archive in archives:
-        stamp = f"{archive.stat().st_size}:{archive.stat().st_mtime_ns}"
+        info = archive.stat()
+        stamp = f"{info.st_size}:{info.st_mtime_ns}"
         if seen.get(str(archive)) == stamp:
             continue
         run(*ctr(bins, lay, "images", "import", str(archive)))
@@ -403,9 +412,9 @@ def fake_gpu_argv(localkube: Path, gpus: int) -> list[str]:
 def leftovers(d: Path) -> list[str]:
     """What a node that was taken down left on the host: empty when `tear_down` did its job."""
     found = [f"mount {m}" for m in mounts_under(d)] + [f"cgroup {cg}" for cg in pod_cgroups()]
-    if run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+    if bridge_exists():
         found.append(f"link {BRIDGE}")
-    if NODE_IP in run("ip", "-4", "addr", "show", "dev", "lo", check=False).stdout:
+    if node_ip_on_lo():
         found.append(f"address {NODE_IP} on lo")
     nat = run("iptables", "-t", "nat", "-S", check=False).stdout
     found += [f"iptables chain {c}" for c in (NAT_CHAIN, "KUBE-KUBELET-CANARY") if c in nat]
