@@ -706,12 +706,16 @@ def down(d: Path) -> None:
 def load(d: Path, wanted: list[str]) -> None:
     """Put images on the real node: the project's, by name (`operator`, `trainer`: built by images.py from the
     Dockerfiles when their cached archives are missing), and image archives, by path, under the names they carry."""
-    c = Cluster.load(d)
-    if c is None or c.node != "real" or not c.healthy():
-        raise ClusterError(f"no running cluster with a real node in {d}; start one first (`up --dir {d} --node real`)")
     import images  # only here: the image builder is not needed by the other commands
     names = [w for w in wanted if w in images.DOCKERFILES]
     archives = [Path(w).absolute() for w in wanted if w not in names]
+    missing = [str(a) for a in archives if not a.is_file()]
+    if missing:
+        raise ClusterError(f"load: no image archive at {', '.join(missing)}; name the project's images "
+                           f"({', '.join(images.DOCKERFILES)}) or archive files")
+    c = Cluster.load(d)
+    if c is None or c.node != "real" or not c.healthy():
+        raise ClusterError(f"no running cluster with a real node in {d}; start one first (`up --dir {d} --node real`)")
     try:
         archives = [*images.ensure_images(tuple(names)).values(), *archives] if names else archives
     except images.ImagesError as e:

@@ -147,6 +147,12 @@ def test_foreign_folder_and_missing_toolchain_give_a_message(tmp_path):
     assert "Go toolchain is missing" in out.stderr and "Install Go" in out.stderr, out.stderr
 
 
+def test_load_names_an_image_it_does_not_know(tmp_path):
+    out = localcluster("load", "--dir", str(tmp_path / "any"), "opertor", check=False)
+    assert out.returncode == 1
+    assert f"no image archive at {Path.cwd() / 'opertor'}; name the project's images (operator, trainer)" in out.stdout
+
+
 # ------------------------------------------------------------------------------------------ controllers
 
 def test_job_completes_through_the_job_controller_and_logs_are_readable(cluster, kubectl):
