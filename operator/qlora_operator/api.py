@@ -377,6 +377,15 @@ class RuntimeSpec(ApiModel):
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Seconds the run may take before it fails with DeadlineExceeded."
     )
+    rendezvous_timeout_seconds: int = Field(
+        600,
+        ge=10,
+        le=86400,
+        description=(
+            "Multi-node runs: seconds the pods wait for each other at start; a pod whose peer never starts then "
+            "fails with RendezvousTimeout, a failure the Job retries."
+        ),
+    )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Seconds after the run ends before its Job and pods are deleted."
     )

@@ -238,6 +238,7 @@ def _env(owner: Owner, spec: QLoRAFinetuneSpec) -> list[dict[str, Any]]:
             {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": POD_COMPLETION_INDEX}}},
             {"name": "MASTER_ADDR", "value": f"{job_name(owner.name)}-0.{service_name(owner.name)}"},
             {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+            {"name": "RENDEZVOUS_TIMEOUT_SECONDS", "value": str(spec.runtime.rendezvous_timeout_seconds)},
         ]
     user = [var.to_wire() for var in spec.runtime.env or ()]
     if spec.resources.gpus > 1 or nodes > 1:  # data-parallel: the workers talk through NCCL

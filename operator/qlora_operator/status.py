@@ -9,12 +9,13 @@ reason, message), in the manner of cert-manager, which map straight onto conditi
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from qlora_trainer.contract import reason_for_exit_code
+from qlora_trainer.contract import FailureReason, reason_for_exit_code
 
 from qlora_operator.api import ConditionType, Phase, Reason
 from qlora_operator.builders import ANNOTATION_REGROUP
@@ -29,8 +30,8 @@ TERMINAL_PHASES = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 # Nothing more will happen to a run in these phases: its status stands, and its Job is not looked for.
 FINISHED_PHASES = (*TERMINAL_PHASES, Phase.UNKNOWN.value)
 # Reasons worth a Warning event (the rest are Normal).
-WARNING_REASONS = {r.value for r in Reason} | {
-    "JobGone", "TrainingFailed", "ContainerConfigError", "JobFailed", "QuotaExceeded", "PodCreateRefused"}
+WARNING_REASONS = {r.value for r in Reason} | {r.value for r in FailureReason} | {
+    "JobGone", "Killed", "ContainerConfigError", "JobFailed", "QuotaExceeded", "PodCreateRefused"}
 # The DisruptionTarget condition's reasons, as a person says them.
 DISRUPTIONS = {
     "PreemptionByScheduler": "preempted by a higher-priority pod",
@@ -203,6 +204,9 @@ def pod_failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
         if said:
             return said[0], one_line(said[1])
         known = reason_for_exit_code(code) if isinstance(code, int) else None
+        if known is None and summary is None and isinstance(code, int) and code > 128:
+            # Killed by a signal before it could say anything: the last line of its log is no reason.
+            return "Killed", f"the trainer was killed by {_signal_name(code - 128)} (exit code {code}) before it could say why"
         # A summary that names no failure is no message for a person: its JSON stays out.
         tail = "" if summary else _last_line(term.get("message"))
         if known is not None:
@@ -211,6 +215,13 @@ def pod_failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     if status.get("reason") or status.get("message"):
         return status.get("reason") or "PodFailed", one_line(status.get("message") or status.get("reason"))
     return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _last_line(message: str | None) -> str:
@@ -285,6 +296,28 @@ def _running(pod: Mapping[str, Any]) -> bool:
     return status.get("phase") == "Running"
 
 
+def _ranks_not_up(job: Mapping[str, Any], live: Sequence[Mapping[str, Any]], image: str | None) -> Verdict | None:
+    """A multi-node run whose ranks are not all up (running, or done): the ones that run wait for the others
+    at the rendezvous, so the run is not running yet. Says why a missing rank's pod does not run, if known."""
+    spec = job.get("spec") or {}
+    ranks = int(spec.get("completions") or 1) if spec.get("completionMode") == "Indexed" else 1
+    if ranks < 2:
+        return None
+    up = {completion_index(p) for p in live if _running(p) or (p.get("status") or {}).get("phase") == "Succeeded"}
+    missing = [str(rank) for rank in range(ranks) if str(rank) not in up]
+    if not missing:
+        return None
+    wait = ("the other ranks wait for it at the rendezvous, for at most runtime.rendezvousTimeoutSeconds, then "
+            "fail with RendezvousTimeout and are retried")
+    for pod in sorted(live, key=_pod_time, reverse=True):
+        problem = pod_waiting_problem(pod, image) if completion_index(pod) in missing else None
+        if problem:
+            return Verdict(problem.phase, problem.reason, one_line(
+                f"rank {completion_index(pod)} of {ranks}: {problem.message}; {wait}"))
+    return Verdict(Phase.PENDING.value, "Starting", one_line(
+        f"rank {', '.join(missing)} of {ranks} not running yet; {wait}"))
+
+
 # ---------------------------------------------------------------------------------------- decisions
 
 _POLICY_POD = re.compile(r"\bfor pod ([^/\s]+)/([^\s]+)")
@@ -355,12 +388,13 @@ def verdict_of_job(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *,
                            f"waiting for Kueue to admit the Job from LocalQueue {queue_name}")
         return Verdict(Phase.SUSPENDED.value, "Suspended",
                        "suspended: pods are stopped and checkpoints kept; set spec.suspend to false to resume")
+    image = ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers", [{}])[0].get("image")
     if any(_running(p) for p in live):
-        return Verdict(Phase.RUNNING.value, "Running", f"the trainer is running (Job {name})")
+        return _ranks_not_up(job, live, image) or Verdict(
+            Phase.RUNNING.value, "Running", f"the trainer is running (Job {name})")
     if any((p.get("status") or {}).get("phase") == "Succeeded" for p in live):
         # The trainer is done and the Job controller marks the Job Complete a moment later: still running.
         return Verdict(Phase.RUNNING.value, "Finishing", f"the trainer finished; Job {name} is completing")
-    image = ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers", [{}])[0].get("image")
     for pod in sorted(live, key=_pod_time, reverse=True):
         problem = pod_waiting_problem(pod, image)
         if problem:

@@ -137,7 +137,7 @@ def test_pod_failure_policy_ignores_disruptions_and_fails_fast_on_bad_input():
     rules = job_of()["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [64, 65, 66]
-    assert rules[2]["action"] == "Count" and rules[2]["onExitCodes"]["values"] == [67, 70]
+    assert rules[2]["action"] == "Count" and rules[2]["onExitCodes"]["values"] == [67, 70, 71]
     assert all(r.get("onExitCodes", {}).get("containerName", "trainer") == "trainer" for r in rules)
 
 
@@ -293,6 +293,7 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service():
     assert env["NNODES"]["value"] == "3"
     assert env["MASTER_ADDR"]["value"] == "support-bot-0.support-bot"
     assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith("job-completion-index']")
+    assert env["RENDEZVOUS_TIMEOUT_SECONDS"]["value"] == "600"  # runtime.rendezvousTimeoutSeconds' default
     assert {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"} in container(job)["ports"]
     kinds = [c["kind"] for c in builders.build_children(OWNER, spec, SETTINGS)]
     assert kinds == ["ConfigMap", "Service", "Job"]

@@ -365,6 +365,64 @@ def test_without_rank_or_policy_the_failure_that_ended_last_decides():
         assert cond(status, "Succeeded")["reason"] == "ModelLoadFailed"
 
 
+def test_a_trainer_killed_by_a_signal_is_said_so_not_its_last_log_line():
+    killed = failed_pod(137, "loading weights\n  warnings.warn(\n")
+    status = decide(job_=job(), pods=[killed])
+    assert (status["phase"], cond(status, "Running")["reason"]) == ("Pending", "Retrying")
+    assert "(Killed: the trainer was killed by SIGKILL (exit code 137) before it could say why)" in status["message"]
+    assert "warn" not in status["message"]
+
+
+def indexed_job(ranks=2):
+    j = job()
+    j["spec"].update({"completionMode": "Indexed", "completions": ranks})
+    return j
+
+
+def rank_pod(index, **kw):
+    p = pod(name=f"run-{index}-x", **kw)
+    p["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    return p
+
+
+def test_a_multi_node_run_waits_while_a_rank_cannot_start_and_says_which_and_why():
+    # Rank 0 runs and waits at the rendezvous; rank 1 fits no node, or its image cannot be pulled.
+    running = rank_pod(0, phase="Running", running=T0)
+    unplaced = rank_pod(1, conditions=[UNSCHEDULABLE])
+    status = decide(job_=indexed_job(), pods=[running, unplaced])
+    assert status["phase"] == "Pending"
+    assert cond(status, "Running")["reason"] == "Unschedulable"
+    assert status["message"].startswith("rank 1 of 2: no node can run the trainer pod: 0/1 nodes are available")
+    assert "runtime.rendezvousTimeoutSeconds" in status["message"]
+
+    pulling = rank_pod(1, waiting={"reason": "ImagePullBackOff", "message": "not found"})
+    status = decide(job_=indexed_job(), pods=[running, pulling])
+    assert (status["phase"], cond(status, "Running")["reason"]) == ("Pending", "ImagePullError")
+    assert status["message"].startswith("rank 1 of 2: cannot pull image reg/trainer:1")
+
+
+def test_a_multi_node_run_runs_once_every_rank_is_up_or_done():
+    running = rank_pod(0, phase="Running", running=T0)
+    starting = rank_pod(1, waiting={"reason": "ContainerCreating"})
+    status = decide(job_=indexed_job(), pods=[running, starting])
+    assert (status["phase"], cond(status, "Running")["reason"]) == ("Pending", "Starting")
+    assert status["message"].startswith("rank 1 of 2 not running yet")
+
+    both = [running, rank_pod(1, phase="Running", running=T0)]
+    assert decide(job_=indexed_job(), pods=both)["phase"] == "Running"
+    # Rank 1 ends first; rank 0 still writes the adapter.
+    done = rank_pod(1, phase="Succeeded", terminated={"exitCode": 0, "reason": "Completed"})
+    assert decide(job_=indexed_job(), pods=[running, done])["phase"] == "Running"
+    # One pod of a plain Job (one node, any number of GPUs) runs alone.
+    assert decide(job_=job(), pods=[pod(phase="Running", running=T0)])["phase"] == "Running"
+
+
+def test_a_rendezvous_timeout_is_the_failure_a_person_reads():
+    timed_out = ranked(0, 71, summary("RendezvousTimeout", "the 2 nodes of the run did not all start within 30 s"))
+    status = decide(job_=job(("Failed", "BackoffLimitExceeded", "")), pods=[timed_out], backoff_limit=0)
+    assert "last attempt: RendezvousTimeout: the 2 nodes of the run did not all start within 30 s" in status["message"]
+
+
 @pytest.mark.parametrize("event, reason", [
     ('Error creating: pods "run-x" is forbidden: exceeded quota: gpu, requested: requests.nvidia.com/gpu=1, '
      'used: requests.nvidia.com/gpu=4, limited: requests.nvidia.com/gpu=4', "QuotaExceeded"),

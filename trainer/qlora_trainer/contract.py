@@ -55,6 +55,7 @@ class FailureReason(str, enum.Enum):
     MODEL_LOAD_FAILED = "ModelLoadFailed"
     CUDA_OUT_OF_MEMORY = "CUDAOutOfMemory"
     TRAINING_FAILED = "TrainingFailed"
+    RENDEZVOUS_TIMEOUT = "RendezvousTimeout"  # the pods of a multi-node run did not all start in time
 
     @property
     def exit_code(self) -> int:
@@ -63,7 +64,8 @@ class FailureReason(str, enum.Enum):
     @property
     def retryable(self) -> bool:
         """Whether another attempt of the same pod could succeed (the Job's podFailurePolicy reads this)."""
-        return self in (FailureReason.CUDA_OUT_OF_MEMORY, FailureReason.TRAINING_FAILED)
+        return self in (FailureReason.CUDA_OUT_OF_MEMORY, FailureReason.TRAINING_FAILED,
+                        FailureReason.RENDEZVOUS_TIMEOUT)
 
 
 # Exit codes are part of the contract: the operator's podFailurePolicy fails the Job at once on the
@@ -74,6 +76,7 @@ EXIT_CODES: dict[FailureReason, int] = {
     FailureReason.MODEL_LOAD_FAILED: 66,
     FailureReason.CUDA_OUT_OF_MEMORY: 67,
     FailureReason.TRAINING_FAILED: 70,
+    FailureReason.RENDEZVOUS_TIMEOUT: 71,
 }
 EXIT_SUCCESS = 0
 # Exit code after a SIGTERM that saved a checkpoint: the pod was asked to stop, nothing failed.

@@ -422,6 +422,23 @@ def last_valid_checkpoint(folder: str | Path) -> Path | None:
     return None
 
 
+def same_checkpoint_everywhere(resume: Path | None) -> None:
+    """Every worker of a data-parallel run looks for its checkpoint in output.dir on its own node; they must
+    all resume from the same one, or the replicas would train on from different steps. Workers on nodes that
+    do not share the output volume find different ones (or none)."""
+    import torch.distributed as dist
+
+    found: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, str(resume) if resume else None)
+    if len(set(found)) > 1:
+        seen = ", ".join(f"worker {rank}: {path or 'none'}" for rank, path in enumerate(found))
+        raise InvalidConfig(
+            f"the workers found different checkpoints to resume from ({seen}): every node must see the same "
+            "output.pvc, a volume all of them mount (ReadWriteMany across nodes)")
+    if resume is not None:
+        log.info("every worker resumes from %s", resume)
+
+
 def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopOnSignal | None = None) -> dict:
     """Load, train, evaluate and save one fine-tune; returns the run summary (see output.run_summary).
     Raises the errors of errors.py, or Terminated after a SIGTERM checkpoint."""
@@ -469,6 +486,7 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
         import torch.distributed as dist
 
         log.info("data parallel: worker %d of %d (%s)", args.process_index, args.world_size, dist.get_backend())
+        same_checkpoint_everywhere(resume)
     if fast.owns_checkpointing:
         args.activation_checkpointing = False  # speed.configure set it per block
     if fast.padded_batch:
