@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .checkpoints import OUTPUTS_STAGING, publish_outputs
 from .config import TrainerConfig
 from .contract import EXIT_SUCCESS, TERMINATION_MESSAGE_LIMIT, Metric
 from .metrics import TrainerMetrics, gpu_peak_bytes
@@ -116,20 +118,27 @@ def write_termination_message(path: str, summary: dict[str, Any]) -> None:
 
 
 def save_outputs(cfg: TrainerConfig, model, tokenizer, summary: dict[str, Any]) -> None:
-    """Adapter, tokenizer, resolved config and summary.json into output.dir; merged model when asked."""
+    """Adapter, tokenizer, resolved config and summary.json into output.dir, and the merged model when asked:
+    written aside first and moved in whole, summary.json last (checkpoints.publish_outputs)."""
     out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_wire(), indent=2, ensure_ascii=False), encoding="utf-8")
+    staged = out / OUTPUTS_STAGING
+    if staged.exists():
+        shutil.rmtree(staged)  # what a stopped attempt before left
+    staged.mkdir(parents=True)
+    model.save_pretrained(staged, safe_serialization=True)
+    tokenizer.save_pretrained(staged)
+    (staged / CONFIG_FILE).write_text(json.dumps(cfg.to_wire(), indent=2, ensure_ascii=False), encoding="utf-8")
     if cfg.output.merge_adapter:
-        summary["mergedPath"] = str(merge_adapter(cfg, out))
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+        merged = merge_adapter(cfg, staged)
+        summary["mergedPath"] = str(out / merged.name)
+    (staged / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    publish_outputs(staged, out, last=SUMMARY_FILE)
     log.info("adapter, tokenizer and summary written to %s", out)
 
 
 def merge_adapter(cfg: TrainerConfig, adapter_dir: Path) -> Path:
-    """Load the base unquantized in compute dtype on the CPU, merge the adapter in, save to output.dir/merged."""
+    """Load the base unquantized in compute dtype on the CPU, merge the adapter in, save to `merged` beside
+    the adapter."""
     from peft import PeftModel
 
     from .model import load_base_model, load_tokenizer

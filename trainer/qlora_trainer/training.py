@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -28,7 +29,9 @@ from .config import TrainerConfig
 from .contract import Phase
 from .data import IGNORE_INDEX, collator, prepare_data, split_packed
 from .errors import InvalidConfig
+from .launch import is_main_process
 from . import graphs, speed
+from .checkpoints import STAGING, checkpoint_step, last_valid_checkpoint, publish_checkpoint
 from .metrics import MetricsCallback, TrainerMetrics
 from .model import load_model, supports_packing
 
@@ -152,6 +155,7 @@ class QLoRATrainer(Trainer):
         self._eval_sums: list[float] | None = None
         self._trainable: list | None = None
         self._in_train_mode: Any = None
+        self._staging = False  # a checkpoint is being written (_save_checkpoint)
 
     def _trainable_parameters(self, model) -> list:
         if self._trainable is None:
@@ -177,6 +181,29 @@ class QLoRATrainer(Trainer):
                     sum(len(b.members) for b in buckets), len(buckets),
                 )
         return optimizer
+
+    def _get_output_dir(self, trial) -> str:
+        """Where the Trainer writes checkpoints: their staging folder while one is being saved."""
+        root = super()._get_output_dir(trial)
+        return str(Path(root) / STAGING) if self._staging else root
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written in the staging folder and renamed into place whole once every
+        worker's files are in (checkpoints.py); then the oldest beyond the kept few go."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        root = Path(self._get_output_dir(trial))
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # each worker writes its own RNG state
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            publish_checkpoint(root / STAGING / name, root / name)
+            rotate_checkpoints(str(root), save_total_limit=self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()  # no worker reads checkpoints/ before the new one is there
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """The Trainer's, after splitting the optimizer's buckets when the checkpoint's state is one tensor at a
@@ -337,15 +364,29 @@ class StopOnSignal(TrainerCallback):
         self.signalled = False
         self.requested = False
         self.training = False
+        self.saving = False
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        log.warning("SIGTERM: %s", "saving a checkpoint at the end of this step" if self.training else "stopping")
         self.signalled = True
+        if self.saving:
+            log.warning("SIGTERM: stopping once the outputs are written")
+            return
+        log.warning("SIGTERM: %s", "saving a checkpoint at the end of this step" if self.training else "stopping")
         if not self.training:
-            raise Terminated("stopped by SIGTERM before training started")
+            raise Terminated("stopped by SIGTERM outside training (nothing since the last checkpoint is lost)")
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """The final outputs being written: a SIGTERM waits for them (a kill still may not, and finds them
+        staged aside, never half-written in place)."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.training = True
@@ -378,48 +419,11 @@ class Terminated(BaseException):
     on the way (model loading wraps errors) mistakes it for a failure."""
 
 
-def checkpoint_step(path: Path) -> int:
-    try:
-        return int(path.name.rsplit("-", 1)[-1])
-    except ValueError:
-        return -1
-
-
-def is_valid_checkpoint(path: Path) -> bool:
-    """A complete checkpoint: trainer state readable, adapter weights present, no in-progress marker."""
-    if (path / "checkpoint-is-incomplete.txt").exists():
-        return False
-    if not any((path / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors")):
-        return False
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def resume_position(checkpoint: Path) -> dict[str, Any]:
     """Where a run resumed from `checkpoint` goes on: its step, epoch and total steps (trainer_state.json)."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     return {"step": int(state.get("global_step") or checkpoint_step(checkpoint)),
             "epoch": float(state.get("epoch") or 0.0), "total_steps": int(state.get("max_steps") or 0)}
-
-
-def last_valid_checkpoint(folder: str | Path) -> Path | None:
-    """The newest complete checkpoint under `folder`, skipping any a kill left half-written."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    candidates = sorted(
-        (p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and checkpoint_step(p) >= 0),
-        key=checkpoint_step,
-        reverse=True,
-    )
-    for path in candidates:
-        if is_valid_checkpoint(path):
-            return path
-        log.warning("skipping incomplete checkpoint %s", path)
-    return None
 
 
 def same_checkpoint_everywhere(resume: Path | None) -> None:
@@ -453,6 +457,8 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
     check_optimizer(cfg.training.optimizer)  # fail before the slow part
     check_gpus(cfg.gpus)
     resume = last_valid_checkpoint(Path(cfg.output.dir) / CHECKPOINTS)
+    if is_main_process():  # the other workers write there only at the first save, many steps on
+        shutil.rmtree(Path(cfg.output.dir) / CHECKPOINTS / STAGING, ignore_errors=True)  # a stopped save's
     if resume is not None:
         # Said before the slow load, so that a retry's status shows where it goes on from while it loads.
         log.info("resuming from %s", resume)
@@ -503,7 +509,17 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
         token_budget=(fast.token_budget or micro_batch_size(cfg) * cfg.training.max_length) if packing else None,
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback writes the log lines
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finished = resume is not None and 0 < resume_position(resume)["total_steps"] <= resume_position(resume)["step"]
+    if finished:
+        # The checkpoint is the run's last step (stopped while evaluating or writing the outputs): the Trainer
+        # would take one step more before it checks the count, so only its weights and state are loaded.
+        from transformers import TrainerState
+
+        log.info("%s is the run's last step: no training left", resume)
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.requested:
         raise Terminated(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved")
 
@@ -514,6 +530,7 @@ def train(cfg: TrainerConfig, metrics: TrainerMetrics | None = None, stop: StopO
     metrics.set_phase(Phase.SAVING)
     summary = run_summary(cfg, trainer.state, data.stats, metrics, started)
     if trainer.is_world_process_zero():
-        save_outputs(cfg, trainer.model, tokenizer, summary)
+        with stop.deferred():  # a SIGTERM now waits for the outputs to be whole: the run is done
+            save_outputs(cfg, trainer.model, tokenizer, summary)
     metrics.set_phase(Phase.DONE)
     return summary

@@ -16,7 +16,7 @@ from qlora_trainer.config import TrainerConfig
 from qlora_trainer.contract import Metric, Phase
 from qlora_trainer.errors import InvalidConfig
 from qlora_trainer.testing import bilingual_qa_records, tiny_config, write_jsonl
-from qlora_trainer.training import last_valid_checkpoint, training_arguments
+from qlora_trainer.training import training_arguments
 
 
 STEPS = 30  # enough for the tiny model to learn the answers by heart
@@ -69,26 +69,6 @@ def test_unknown_optimizer_is_rejected_with_the_known_names(tmp_path):
     cfg = config(tmp_path, optimizer="adamw_fast_please")
     with pytest.raises(InvalidConfig, match=r"unknown optimizer 'adamw_fast_please'; known: .*paged_adamw_8bit"):
         training_arguments(cfg, has_eval=False, packing=False)
-
-
-def test_last_valid_checkpoint_skips_incomplete_ones(tmp_path):
-    def checkpoint(step, *, state=True, weights=True, marker=False):
-        folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
-        if state:
-            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        if weights:
-            (folder / "adapter_model.safetensors").write_bytes(b"x")
-        if marker:
-            (folder / "checkpoint-is-incomplete.txt").write_text("")
-
-    assert last_valid_checkpoint(tmp_path) is None
-    checkpoint(5)
-    checkpoint(10)
-    checkpoint(15, state=False)  # killed while saving
-    checkpoint(20, marker=True)
-    checkpoint(25, weights=False)
-    assert last_valid_checkpoint(tmp_path).name == "checkpoint-10"
 
 
 def test_a_resumed_run_says_where_it_goes_on_before_it_loads_the_model(tmp_path, monkeypatch):
@@ -232,7 +212,9 @@ def test_outputs_are_written(trained):
     assert written["gpuMemoryPeakBytes"] == 0 and written["versions"]["peft"]
     assert written["lastCheckpoint"]["step"] == STEPS
     assert TrainerConfig.model_validate(json.loads((out / "trainer-config.json").read_text())) == trained["cfg"]
+    # Nothing staged is left behind (checkpoints.py): only whole checkpoints and outputs.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert not (out / ".partial-outputs").exists()
 
 
 def test_metrics_scraped_during_training_move_as_they_should(trained):
