@@ -20,7 +20,7 @@ from qlora_trainer.config import (
     OutputConfig,
     TrainerConfig,
 )
-from qlora_trainer.contract import METRICS_PORT, FailureReason
+from qlora_trainer.contract import EXIT_TERMINATED, METRICS_PORT, FailureReason
 from qlora_trainer.launch import MULTICAST_OFF
 
 from qlora_operator.api import API_VERSION, KIND, QLoRAFinetuneSpec
@@ -197,11 +197,16 @@ def build_config_map(owner: Owner, spec: QLoRAFinetuneSpec, settings: Settings) 
 # ----------------------------------------------------------------------------------------------- Job
 
 def pod_failure_policy() -> dict[str, Any]:
-    """Disruptions (eviction, preemption, node drain) retry without counting; the trainer's exit codes for
+    """Disruptions (eviction, preemption, node drain) and a trainer that stopped on a SIGTERM after saving a
+    checkpoint (its pod deleted by a person, say: exit 143) retry without counting; the trainer's exit codes for
     a bad config, data set or model fail the Job at once; its retryable failures count against backoffLimit."""
     return {
         "rules": [
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {
+                "action": "Ignore",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_TERMINATED]},
+            },
             {
                 "action": "FailJob",
                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": NON_RETRYABLE_EXIT_CODES},

@@ -155,7 +155,7 @@ def is_rank0(pod: Mapping[str, Any]) -> bool:
 # ------------------------------------------------------------------------------- reading the pods
 
 def disruption(pod: Mapping[str, Any]) -> str | None:
-    """What stopped a pod that Kubernetes took away (preemption, eviction, a node drain), in words; None
+    """What stopped a pod that was taken away (preemption, eviction, a node drain, a deletion), in words; None
     when nothing did. Such a pod exits 143 after its SIGTERM checkpoint: no failure of the trainer, and one
     the Job's pod-failure policy does not count."""
     status = pod.get("status") or {}
@@ -165,7 +165,20 @@ def disruption(pod: Mapping[str, Any]) -> str | None:
             return one_line(f"{what}: {cond['message']}" if cond.get("message") else what)
     if status.get("reason") == "Evicted":
         return one_line(f"evicted: {status['message']}" if status.get("message") else "evicted")
+    if _stopped_by_sigterm(pod):
+        return "stopped by a SIGTERM (its pod deleted, or its node shut down)"
+    if (pod.get("metadata") or {}).get("deletionTimestamp") and status.get("phase") not in ("Failed", "Succeeded"):
+        return "its pod is being deleted"
     return None
+
+
+def _stopped_by_sigterm(pod: Mapping[str, Any]) -> bool:
+    """The trainer saved a checkpoint on a SIGTERM and exited, as its termination summary says."""
+    for cs in _container_statuses(pod):
+        summary = read_termination_summary(((cs.get("state") or {}).get("terminated") or {}).get("message"))
+        if summary and summary.get("status") == "Terminated":
+            return True
+    return False
 
 
 def _checkpoint_step(pod: Mapping[str, Any]) -> int | None:
@@ -192,14 +205,11 @@ def pod_failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
             continue
         code = term.get("exitCode")
         if term.get("reason") == "OOMKilled":
+            limit = _memory_limit(pod, cs.get("name"))
             return Reason.OOM_KILLED.value, (
-                "the trainer was killed for going over its memory limit; raise resources.memory, or lower "
-                "training.batchSize or training.maxLength")
+                f"the trainer was killed for going over its memory limit{f' ({limit})' if limit else ''}; raise "
+                "resources.memory, or lower training.batchSize or training.maxLength")
         summary = read_termination_summary(term.get("message"))
-        if summary and summary.get("status") == "Terminated":
-            # Stopped by a SIGTERM after saving a checkpoint: told to stop (its Job failed on another rank, a
-            # suspend, a regroup), not a failure of its own.
-            return None
         said = final_failure(summary) if summary else None
         if said:
             return said[0], one_line(said[1])
@@ -214,6 +224,13 @@ def pod_failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
         return "Error", one_line(f"the trainer exited with code {code}" + (f": {tail}" if tail else ""))
     if status.get("reason") or status.get("message"):
         return status.get("reason") or "PodFailed", one_line(status.get("message") or status.get("reason"))
+    return None
+
+
+def _memory_limit(pod: Mapping[str, Any], container: str | None) -> str | None:
+    for spec in (pod.get("spec") or {}).get("containers") or ():
+        if spec.get("name") == container:
+            return ((spec.get("resources") or {}).get("limits") or {}).get("memory")
     return None
 
 

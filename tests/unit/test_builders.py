@@ -136,8 +136,10 @@ def test_job_basics():
 def test_pod_failure_policy_ignores_disruptions_and_fails_fast_on_bad_input():
     rules = job_of()["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [64, 65, 66]
-    assert rules[2]["action"] == "Count" and rules[2]["onExitCodes"]["values"] == [67, 70, 71]
+    # A SIGTERM checkpoint (a pod deleted by hand) is no failure either.
+    assert rules[1]["action"] == "Ignore" and rules[1]["onExitCodes"]["values"] == [143]
+    assert rules[2]["action"] == "FailJob" and rules[2]["onExitCodes"]["values"] == [64, 65, 66]
+    assert rules[3]["action"] == "Count" and rules[3]["onExitCodes"]["values"] == [67, 70, 71]
     assert all(r.get("onExitCodes", {}).get("containerName", "trainer") == "trainer" for r in rules)
 
 

@@ -154,7 +154,7 @@ CASES = [
         pod(name="run-1", created="2026-11-27T11:58:00Z")]),
      "Pending", ("Unknown", "Retrying"), "NCCL timeout"),
     ("terminating-pod-is-not-running", dict(job_=job(), pods=[pod(phase="Running", running=T0, deleting=True)]),
-     "Pending", ("Unknown", "Starting"), "waiting"),
+     "Pending", ("Unknown", "Interrupted"), "its pod is being deleted"),
 ]
 
 
@@ -287,6 +287,18 @@ def test_an_evicted_or_preempted_trainer_is_interrupted_not_failed(condition_, w
     assert transition(None, status).type == "Normal"
 
 
+def test_a_pod_deleted_by_hand_is_an_interruption_not_a_failure():
+    # `kubectl delete pod`: no DisruptionTarget condition, but the trainer saved a checkpoint on the SIGTERM.
+    deleted = terminated_by_sigterm("run-0", "2026-11-27T11:50:00Z")
+    status = decide(job_=job(active=1), pods=[deleted, pod(name="run-1", created="2026-11-27T11:59:55Z")])
+    assert (status["phase"], cond(status, "Succeeded")["reason"]) == ("Pending", "Interrupted")
+    assert status["message"] == ("stopped by a SIGTERM (its pod deleted, or its node shut down); resuming from "
+                                 "the checkpoint of step 40")
+    leaving = pod(name="run-0", phase="Running", running=T0, deleting=True)
+    status = decide(job_=job(), pods=[leaving])
+    assert status["message"].startswith("its pod is being deleted; the trainer is saving a checkpoint")
+
+
 def test_kubelet_eviction_without_the_condition_is_an_interruption_too():
     evicted = pod(name="run-0", phase="Failed", reason="Evicted", message="The node was low on resource: memory.")
     status = decide(job_=job(), pods=[evicted])
@@ -363,6 +375,15 @@ def test_without_rank_or_policy_the_failure_that_ended_last_decides():
     for pods in ([a, b], [b, a]):
         status = decide(job_=job(("Failed", "JobFailed", "")), pods=pods)
         assert cond(status, "Succeeded")["reason"] == "ModelLoadFailed"
+
+
+def test_an_oom_kill_names_the_memory_limit():
+    killed = failed_pod(137, "", reason="OOMKilled")
+    killed["spec"] = {"containers": [{"name": "trainer", "resources": {"limits": {"memory": "2Gi"}}}]}
+    status = decide(job_=job(("Failed", "BackoffLimitExceeded", "")), pods=[killed], backoff_limit=0)
+    assert cond(status, "Succeeded")["reason"] == "OOMKilled"
+    assert status["message"].startswith("the trainer was killed for going over its memory limit (2Gi); raise "
+                                        "resources.memory")
 
 
 def test_a_trainer_killed_by_a_signal_is_said_so_not_its_last_log_line():
