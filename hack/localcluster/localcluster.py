@@ -504,7 +504,7 @@ def start_real_node(c: Cluster, node_bins: Path, gpus: int, timeout: float, owne
     # containerd finds its shim on PATH
     c.start("containerd", node.containerd_argv(node_bins, lay), env={"PATH": f"{node_bins}:{os.environ['PATH']}"})
     c.wait_for("containerd", lambda: (lay.socket.exists(), f"no socket {lay.socket} yet"), timeout, "serving")
-    node.import_images(node_bins, lay, node.images(lay.node / "images", Path(c.bin_dir) / "pause"))
+    node.import_images(node_bins, lay, node.images(lay.node / "images", Path(c.bin_dir) / "pause"), pin=True)
     c.start("kubelet", node.kubelet_argv(localkube, lay))
     c.wait_for("kubelet", c.node_ready, timeout, "Ready")
     c.start("fake-gpu-plugin", node.fake_gpu_argv(localkube, gpus))

@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ HOST_STATE = {  # what the kubelet, containerd and CNI keep outside the cluster 
 }
 COMPONENTS = ("containerd", "kubelet", "fake-gpu-plugin", "local-path-provisioner", "coredns")
 BUSYBOX_IMAGE = "localcluster.local/busybox:1.35"
+# containerd's label for an image the kubelet's image garbage collection must keep.
+PINNED_LABEL = "io.cri-containerd.pinned"
 
 
 @dataclass(frozen=True)
@@ -367,19 +370,46 @@ def ctr(bins: Path, lay: Layout, *args: str) -> list[str]:
     return [str(bins / "ctr"), "--address", str(lay.socket), "--namespace", "k8s.io", *args]
 
 
-def import_images(bins: Path, lay: Layout, archives: list[Path]) -> list[Path]:
+def archive_names(archive: Path) -> list[str]:
+    """The image names an archive carries: a docker-archive's RepoTags, or an OCI layout's containerd names."""
+    with tarfile.open(archive) as tar:
+        for member in tar:  # the headers only: the layers are skipped over, not read
+            if member.name not in ("manifest.json", "index.json"):
+                continue
+            document = json.load(tar.extractfile(member))
+            if member.name == "manifest.json":
+                return [tag for image in document for tag in image.get("RepoTags") or ()]
+            return [m["annotations"]["io.containerd.image.name"] for m in document.get("manifests") or ()
+                    if "io.containerd.image.name" in (m.get("annotations") or {})]
+    return []
+
+
+def image_names(bins: Path, lay: Layout) -> set[str]:
+    return set(run(*ctr(bins, lay, "images", "ls", "-q")).stdout.split())
+
+
+def import_images(bins: Path, lay: Layout, archives: list[Path], pin: bool = False) -> list[Path]:
     """Import image archives (docker-archive or OCI) into the node's containerd under the names they carry; an
-    archive imported before, unchanged, is skipped (the trainer's takes a minute). Returns those imported."""
+    archive imported before, unchanged, whose images are still there, is skipped (the trainer's takes a minute).
+    The kubelet removes unused images when the disk is nearly full (imageGCHighThresholdPercent): `pin` keeps
+    it from removing these (the node's own: the volume helper's busybox). Returns those imported."""
     record = lay.node / "imported.json"
     seen = json.loads(record.read_text()) if record.exists() else {}
+    present = image_names(bins, lay)
     done = []
     for archive in archives:
         info = archive.stat()
         stamp = f"{info.st_size}:{info.st_mtime_ns}"
-        if seen.get(str(archive)) == stamp:
+        before = seen.get(str(archive))
+        before = before if isinstance(before, dict) else {}  # a record of an older format: imported again
+        if before.get("stamp") == stamp and before.get("names") and set(before["names"]) <= present:
             continue
         run(*ctr(bins, lay, "images", "import", str(archive)))
-        seen[str(archive)] = stamp
+        names = archive_names(archive)
+        if pin:
+            for name in names:
+                run(*ctr(bins, lay, "images", "label", name, f"{PINNED_LABEL}=pinned"))
+        seen[str(archive)] = {"stamp": stamp, "names": names}
         record.write_text(json.dumps(seen, indent=1))
         done.append(archive)
     return done

@@ -195,3 +195,14 @@ def _get(url: str) -> str | None:
             return r.read().decode()
     except OSError:
         return None
+
+
+def test_the_nodes_own_images_are_pinned_against_the_kubelets_image_garbage_collection(real):
+    # On a disk that build caches fill, the kubelet removes unused images; the volume helper's busybox (no pod
+    # uses it between two claims) must stay, or every later claim waits on an image it cannot pull.
+    sys.path.insert(0, str(REPO / "hack" / "localcluster"))
+    import localcluster
+
+    listed = node.run(*node.ctr(localcluster.build_node_bins(), node.Layout(real.dir), "images", "ls")).stdout
+    (line,) = [row for row in listed.splitlines() if row.startswith(BUSYBOX + " ")]
+    assert f"{node.PINNED_LABEL}=pinned" in line, line
