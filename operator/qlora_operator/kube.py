@@ -63,6 +63,7 @@ _PATHS = {
     "Pod": ("/api/v1", "pods"),
     "Event": ("/api/v1", "events"),
     "Job": ("/apis/batch/v1", "jobs"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
     "QLoRAFinetune": (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 

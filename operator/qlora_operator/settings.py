@@ -30,6 +30,8 @@ class Settings:
     # The least time between two status patches of one resource that only move metrics.
     status_min_interval: float = 5.0
     log_level: str = "INFO"
+    # NAMESPACE/NAME of the Lease that lets one operator act at a time (leader.py); None: no election.
+    leader_lease: str | None = None
 
     @property
     def clusterwide(self) -> bool:
@@ -47,6 +49,7 @@ _SOURCES = (
     ("scrape_interval", "QLORA_SCRAPE_INTERVAL", "--scrape-interval", "seconds"),
     ("status_min_interval", "QLORA_STATUS_MIN_INTERVAL", "--status-min-interval", "seconds"),
     ("log_level", "QLORA_LOG_LEVEL", "--log-level", "text"),
+    ("leader_lease", "QLORA_LEADER_LEASE", "--leader-lease", "lease"),
 )
 
 
@@ -56,6 +59,11 @@ def _parse(kind: str, name: str, raw: str):
         return tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
     if kind == "optional":
         return raw or None
+    if kind == "lease":
+        namespace, _, lease = raw.partition("/")
+        if not namespace or not lease or "/" in lease:
+            raise ValueError(f"{name}: expected NAMESPACE/NAME of a Lease, got {raw!r}")
+        return raw
     if kind == "port":
         try:
             port = int(raw)

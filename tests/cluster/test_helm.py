@@ -451,7 +451,9 @@ def test_rbac_is_minimal_every_rule_is_used_and_nothing_is_refused(release, clus
     from qlora_operator import builders
 
     role = cluster.kubectl_json("get", "clusterrole", release.fullname)
-    granted = rules_of(role)
+    # ... and the Role that lets it read and renew its leader Lease (the chart's operator hands it back below).
+    leader = cluster.kubectl_json("get", "role", f"{release.fullname}-leader", namespace=release.namespace)
+    granted = rules_of(role) | rules_of(leader)
     # The chart's own operator steps aside, so that only the recorded one acts.
     release.kubectl("scale", f"deployment/{release.fullname}", "--replicas=0")
     cluster.wait_until(lambda: not [p for p in release.operator_pods()
@@ -482,7 +484,8 @@ def test_rbac_is_minimal_every_rule_is_used_and_nothing_is_refused(release, clus
     proxy = RecordingProxy(server, ca).start()
     kubeconfig = token_kubeconfig(tmp_path / "sa.kubeconfig", f"http://127.0.0.1:{proxy.port}", token)
     shim = SimpleNamespace(env={**cluster.env, "KUBECONFIG": str(kubeconfig)})
-    operator = OperatorProcess(shim, (), trainer_image="qlora-standin:1", default_base_model=BASE_MODEL)
+    operator = OperatorProcess(shim, (), trainer_image="qlora-standin:1", default_base_model=BASE_MODEL,
+                               leader_lease=f"{release.namespace}/{release.fullname}")
     scenario_error: BaseException | None = None
     try:
         operator.start()

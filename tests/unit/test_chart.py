@@ -91,7 +91,12 @@ def render(helm: str, values: dict | None = None, *, namespace: str = "qlora-sys
 
 
 def by_kind(docs: list[dict], kind: str) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind]
+    """The objects of a kind; Roles and RoleBindings are those for the runs (the leader Lease's are apart)."""
+    return [d for d in docs if d["kind"] == kind and not is_leader_rbac(d)]
+
+
+def is_leader_rbac(doc: dict) -> bool:
+    return doc["kind"] in ("Role", "RoleBinding") and doc["metadata"]["name"].endswith("-leader")
 
 
 def one(docs: list[dict], kind: str) -> dict:
@@ -157,7 +162,8 @@ def test_chart_versions_follow_the_project():
 
 def test_default_renders_the_operator_and_nothing_optional(default_docs):
     kinds = sorted(d["kind"] for d in default_docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Lease", "Role", "RoleBinding", "Service",
+                     "ServiceAccount"]
     for doc in default_docs:
         if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == "qlora-system"
@@ -168,7 +174,7 @@ def test_default_renders_the_operator_and_nothing_optional(default_docs):
 
 def test_non_default_renders_every_optional_object(custom_docs):
     kinds = sorted(d["kind"] for d in custom_docs)
-    assert kinds == sorted(["Role", "RoleBinding"] * 2 + ["ConfigMap", "Deployment", "PodMonitor",
+    assert kinds == sorted(["Role", "RoleBinding"] * 3 + ["ConfigMap", "Deployment", "Lease", "PodMonitor",
                                                           "PrometheusRule", "Service", "ServiceAccount",
                                                           "ServiceMonitor"])
     for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
@@ -236,7 +242,25 @@ def test_non_default_pod_settings(custom_docs):
 def test_default_environment_gives_the_operators_defaults(default_docs):
     from qlora_operator.settings import Settings, load_settings
 
-    assert load_settings([], env=env_of(default_docs)) == Settings()
+    # The one setting the chart adds: the Lease of its release, so that one operator acts at a time.
+    lease = one(default_docs, "Lease")["metadata"]
+    assert load_settings([], env=env_of(default_docs)) == Settings(
+        leader_lease=f"{lease['namespace']}/{lease['name']}")
+
+
+def test_the_operator_may_read_and_renew_its_lease_and_nothing_else_there(default_docs, helm, tmp_path):
+    lease = one(default_docs, "Lease")
+    (role,) = [d for d in default_docs if d["kind"] == "Role" and is_leader_rbac(d)]
+    (binding,) = [d for d in default_docs if d["kind"] == "RoleBinding" and is_leader_rbac(d)]
+    assert role["metadata"]["namespace"] == lease["metadata"]["namespace"] == "qlora-system"
+    assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                              "resourceNames": [lease["metadata"]["name"]], "verbs": ["get", "patch"]}]
+    sa = one(default_docs, "ServiceAccount")["metadata"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}]
+    docs = render(helm, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"}},
+                  tmp=tmp_path)
+    assert [d["kind"] for d in docs if d["kind"] in ("Lease", "Role", "RoleBinding")] == ["Lease"]
 
 
 def test_values_reach_the_operator_as_settings(custom_docs):

@@ -30,6 +30,7 @@ def test_defaults_are_the_charts_defaults():
         ({"QLORA_PROMETHEUS_URL": ""}, "prometheus_url", None),
         ({"QLORA_SCRAPE_INTERVAL": "2.5"}, "scrape_interval", 2.5),
         ({"QLORA_STATUS_MIN_INTERVAL": "1"}, "status_min_interval", 1.0),
+        ({"QLORA_LEADER_LEASE": "ops/qlora-operator"}, "leader_lease", "ops/qlora-operator"),
     ],
 )
 def test_environment(env, field, expected):
@@ -53,6 +54,7 @@ def test_flags_override_environment():
         ({"QLORA_HEALTH_PORT": "70000"}, "out of range"),
         ({"QLORA_SCRAPE_INTERVAL": "0"}, "QLORA_SCRAPE_INTERVAL: must be above 0"),
         ({"QLORA_STATUS_MIN_INTERVAL": "soon"}, "expected seconds"),
+        ({"QLORA_LEADER_LEASE": "qlora-operator"}, "QLORA_LEADER_LEASE: expected NAMESPACE/NAME of a Lease"),
     ],
 )
 def test_bad_values_name_the_variable(env, message):

@@ -119,4 +119,6 @@ watched namespace.
   value: {{ .Values.health.port | quote }}
 - name: QLORA_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
+- name: QLORA_LEADER_LEASE
+  value: {{ printf "%s/%s" .Release.Namespace (include "qlora-operator.fullname" .) | quote }}
 {{- end }}
