@@ -79,9 +79,12 @@ def trim_job(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def trim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
+    containers = (pod.get("spec") or {}).get("containers") or ()
     return {
         "metadata": _pick(pod.get("metadata"), "name", "namespace", "uid", "creationTimestamp", "labels",
                           "annotations", "ownerReferences", "deletionTimestamp"),
+        # The memory limit that an OOM kill names.
+        "spec": {"containers": [_pick(c, "name", "resources") for c in containers]},
         "status": dict(pod.get("status") or {}),
     }
 

@@ -352,3 +352,14 @@ def test_a_check_whose_write_meets_a_conflict_is_written_by_the_retry(monkeypatc
     status = kube.objects[("QLoRAFinetune", "bot")]["status"]
     assert status["phase"] == "Failed"
     assert [c["reason"] for c in status["conditions"] if c["type"] == "SpecValid"] == ["InvalidSpec"]
+
+
+def test_a_trimmed_pod_keeps_what_its_status_reads_and_not_the_rest():
+    pod = {"metadata": {"name": "p", "namespace": "ns", "managedFields": [{"big": "x" * 1000}]},
+           "spec": {"containers": [{"name": "trainer", "image": "t:1", "env": [{"name": "A", "value": "b"}],
+                                    "resources": {"limits": {"memory": "2Gi"}}}], "volumes": [{"name": "v"}]},
+           "status": {"phase": "Running"}}
+    trimmed = reporter_module.trim_pod(pod)
+    assert trimmed == {"metadata": {"name": "p", "namespace": "ns"},
+                       "spec": {"containers": [{"name": "trainer", "resources": {"limits": {"memory": "2Gi"}}}]},
+                       "status": {"phase": "Running"}}
