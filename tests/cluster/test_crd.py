@@ -89,7 +89,7 @@ def test_api_server_fills_in_the_defaults(crd, kubectl):
     assert spec["training"]["learningRate"] == 5e-5 and spec["training"]["optimizer"] == "paged_adamw_8bit"
     assert spec["resources"] == {"gpus": 1, "nodes": 1, "gpuResourceName": "nvidia.com/gpu"}
     assert spec["model"] == {"revision": "main", "trustRemoteCode": False}  # name: the operator's default
-    assert spec["runtime"] == {"backoffLimit": 3} and spec["suspend"] is False
+    assert spec["runtime"] == {"backoffLimit": 3, "rendezvousTimeoutSeconds": 600} and spec["suspend"] is False
     assert spec["dataset"]["evalFraction"] == 0.05 and spec["dataset"]["format"] == "auto"
     assert spec == api.QLoRAFinetuneSpec.model_validate(MINIMAL["spec"]).to_wire()
 

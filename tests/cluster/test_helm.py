@@ -152,7 +152,7 @@ def argocd_health(obj: dict) -> dict:
 
 def release_objects(cluster, release_name: str) -> set[tuple[str, str, str]]:
     """(kind, namespace, name) of every object in the cluster labelled as the release's."""
-    kinds = "deployments,replicasets,pods,services,serviceaccounts,configmaps,secrets,roles,rolebindings"
+    kinds = "deployments,replicasets,pods,services,serviceaccounts,configmaps,secrets,roles,rolebindings,leases"
     found = set()
     selector = f"app.kubernetes.io/instance={release_name},app.kubernetes.io/part-of=qlora-operator"
     for item in cluster.kubectl_json("get", kinds, "-A", "-l", selector)["items"]:

@@ -91,8 +91,9 @@ def test_job_as_the_api_server_stores_it(cluster, kubectl, operator, inputs, sta
     assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (2, 3600, 600)
     assert spec["suspend"] is True and spec["podReplacementPolicy"] == "Failed"
     rules = spec["podFailurePolicy"]["rules"]
-    assert [r["action"] for r in rules] == ["Ignore", "FailJob", "Count"]
-    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [64, 65, 66]}
+    assert [r["action"] for r in rules] == ["Ignore", "Ignore", "FailJob", "Count"]
+    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [143]}
+    assert rules[2]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [64, 65, 66]}
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] == 120
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
