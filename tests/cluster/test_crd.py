@@ -257,6 +257,6 @@ def test_suspend_and_the_two_runtime_fields_may_change(crd, kubectl):
     stored = kubectl.json("get", "qft", "adjustable")
     assert stored["spec"]["suspend"] is True
     assert stored["spec"]["runtime"] == {"activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 600,
-                                         "backoffLimit": 3}
+                                         "backoffLimit": 3, "rendezvousTimeoutSeconds": 600}
     kubectl("patch", "qft", "adjustable", "--type=merge", "-p", '{"spec": {"suspend": false}}')
     assert kubectl.json("get", "qft", "adjustable")["spec"]["suspend"] is False
