@@ -51,7 +51,10 @@ def test_a_pod_deleted_then_one_evicted_resume_from_their_sigterm_checkpoints_an
                                "the run to say its pod was taken away", after=rec.last())
         second = rec.wait_for(lambda s: s.get("phase") == "Running" and resumed_from(s), RUN_TIMEOUT,
                               "the second pod to resume", after=deleted)
-        # The Eviction API (a node drain): the DisruptionTarget condition.
+        # Once the second pod trains (a SIGTERM while it still loads would stop it with nothing new to save):
+        # the Eviction API (a node drain), the DisruptionTarget condition.
+        rec.wait_for(lambda s: s.get("phase") == "Running" and s.get("step", 0) > resumed_from(second) + 5,
+                     RUN_TIMEOUT, "the second pod training", after=second)
         pod = running_pod(cluster, namespace, "moved")
         eviction = {"apiVersion": "policy/v1", "kind": "Eviction",
                     "metadata": {"name": pod["metadata"]["name"], "namespace": namespace}}
