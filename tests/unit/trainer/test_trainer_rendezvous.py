@@ -53,18 +53,17 @@ def test_only_a_rendezvous_that_timed_out_is_called_one(said, timed_out):
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_node_whose_peer_never_starts_fails_in_time_with_rendezvous_timeout(tmp_path, rank):
     """The real command line and torchrun: node 0 waits for clients that never connect; node 1 for a master
-    that never listens. Both end after the timeout, not at torchrun's 600 s."""
+    that never listens. Both end after the timeout they were given (the run's limit of 300 s is half of
+    torchrun's own 600 s), which reached torchrun's command line."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"dataset": {"path": str(tmp_path / "d.jsonl")}, "output": {"dir": str(tmp_path)},
                                   "gpus": 0, "terminationMessagePath": str(tmp_path / "termination-log")}))
     env = {**os.environ, **NODES, "NODE_RANK": rank, "MASTER_PORT": str(free_port()),
            "RENDEZVOUS_TIMEOUT_SECONDS": "10", "PYTHONPATH": str(TRAINER_DIR), "TMPDIR": str(tmp_path)}
-    started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "qlora_trainer", "--config", str(config)], env=env,
                           capture_output=True, text=True, timeout=300)
-    took = time.monotonic() - started
     assert done.returncode == FailureReason.RENDEZVOUS_TIMEOUT.exit_code, done.stderr[-3000:]
-    assert took < DEFAULT_RENDEZVOUS_TIMEOUT, took
+    assert " --rdzv-conf=timeout=10 " in done.stderr
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert summary["reason"] == "RendezvousTimeout" and summary["exitCode"] == 71
     assert summary["message"].startswith(f"the 2 nodes of the run did not all start within 10 s: node {rank} waited")
